@@ -1,0 +1,23 @@
+"""CARE-compatible U-Net models: build, load, export, receptive field (see :mod:`l2l_scale.model.unet`)."""
+
+from l2l_scale.model.unet import (
+    LoadedModel,
+    ModelSpec,
+    build_unet,
+    configure_tf_threads,
+    export_model,
+    get_cached_model,
+    load_model,
+    read_spec,
+)
+
+__all__ = [
+    "LoadedModel",
+    "ModelSpec",
+    "build_unet",
+    "configure_tf_threads",
+    "export_model",
+    "get_cached_model",
+    "load_model",
+    "read_spec",
+]

@@ -1,0 +1,1 @@
+"""Pre-processing: drift correction, normalisation, label contrast, classical baselines."""
