@@ -398,7 +398,9 @@ def _normalise_input(data: Any, dims: Sequence[str] | None, pixel_size: Any, cha
         arr = data.data if isinstance(data.data, da.Array) else da.from_array(np.asarray(data.data))
         if channel_names is None and "c" in data.coords:
             channel_names = [str(c) for c in data.coords["c"].values]
-        if pixel_size is None:
+        if pixel_size is None and not isinstance(data.attrs.get("pixel_size"), (dict, type(None))):
+            pixel_size = data.attrs["pixel_size"]
+        elif pixel_size is None:
             pixel_size = dict(data.attrs.get("pixel_size") or {})
             for d in SPATIAL:
                 if d in data.coords and data.sizes[d] > 1 and d not in pixel_size:

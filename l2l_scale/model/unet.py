@@ -442,6 +442,7 @@ class LoadedModel:
     weights_file: Path
     metadata: dict
     checksum: str
+    _predict_fn: Any = field(default=None, init=False, repr=False, compare=False)
 
     def predict_batch(self, x: np.ndarray) -> np.ndarray:
         """Run the network on a normalised batch.
@@ -478,9 +479,23 @@ class LoadedModel:
                 f"tile size {x.shape[1]}x{x.shape[2]} is not a multiple of the U-Net grid {g}; pad the tile to a "
                 f"multiple of {g}"
             )
-        # predict_on_batch runs a compiled tf.function (much faster than eager calls) and no callbacks
-        y = np.asarray(self.keras_model.predict_on_batch(x), dtype=np.float32)
-        return y[..., : self.spec.n_channel_out]
+        if self._predict_fn is None:
+            self._predict_fn = _make_predict_fn(self.keras_model, self.spec.n_channel_in)
+        y = self._predict_fn(x).numpy()
+        return np.asarray(y[..., : self.spec.n_channel_out], dtype=np.float32)
+
+
+def _make_predict_fn(keras_model: "keras.Model", n_channel_in: int):
+    """One graph-compiled forward pass for every tile size.
+
+    ``predict_on_batch`` retraces its tf.function for each new input shape (edge tiles, other chunk sizes) and
+    warns about it; a fixed signature with unknown batch/height/width traces once and is safe to call from
+    several Dask worker threads.
+    """
+    import tensorflow as tf
+
+    spec = tf.TensorSpec([None, None, None, n_channel_in], tf.float32)
+    return tf.function(lambda x: keras_model(x, training=False), input_signature=[spec])
 
 
 def load_model(model_dir: str | os.PathLike, weights: str | None = None) -> LoadedModel:
@@ -664,19 +679,32 @@ def _check_h5_safety_only(path: Path) -> None:
 
 
 def _numpy_has_objects(path: Path) -> bool:
-    """True if a .npy/.npz file holds an object array (a pickle); checked without unpickling anything."""
+    """True if a .npy/.npz file holds an object array (a pickle); only the array headers are read."""
+    import zipfile
+
     try:
         if path.suffix.lower() == ".npy":
-            np.load(path, mmap_mode="r", allow_pickle=False)
-        else:
-            with np.load(path, allow_pickle=False) as npz:
-                for key in npz.files:
-                    npz[key]
-    except ValueError as exc:
-        return "allow_pickle" in str(exc) or "Object arrays" in str(exc)
-    except Exception:  # noqa: BLE001 - an unreadable array is harmless as long as nobody unpickles it
-        return False
+            with open(path, "rb") as f:
+                return _npy_header_has_objects(f)
+        with zipfile.ZipFile(path) as zf:
+            for name in zf.namelist():
+                with zf.open(name) as f:
+                    if _npy_header_has_objects(f):
+                        return True
+    except (OSError, ValueError, zipfile.BadZipFile):
+        return False  # unreadable, so nobody can unpickle it either
     return False
+
+
+def _npy_header_has_objects(f) -> bool:
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        dtype = np.lib.format.read_array_header_1_0(f)[2]
+    elif version == (2, 0):
+        dtype = np.lib.format.read_array_header_2_0(f)[2]
+    else:  # no public reader for newer header versions: be conservative
+        return True
+    return bool(dtype.hasobject)
 
 
 def _read_metadata(folder: Path, spec: ModelSpec) -> dict:

@@ -1,0 +1,854 @@
+"""Exact normalisation statistics: per-channel percentiles of whole images and datasets.
+
+Label2label (like CSBDeep) maps the low/high percentile of every channel to 0/1 before training and
+prediction. DESIGN invariant 2: the percentiles are those of the *whole* image (or of the whole dataset),
+computed once, never per tile, and stored with the outputs and the model. This module computes them exactly
+and out of core, as Dask graphs whose memory is bounded by chunk size, and reads/writes the stats JSON.
+
+How the percentiles are exact
+-----------------------------
+Every supported dtype (bool, u/int 8-64, float 16-64) is mapped to an unsigned *key* of the same width W whose
+order is the value order (flip the sign bit of signed ints; for floats flip the sign bit of positives and all
+bits of negatives). Percentiles are then order statistics of keys, found by radix refinement:
+
+* pass 1 counts the top ``min(16, W)`` bits of every key: one ``np.bincount`` per chunk and channel, summed by
+  a dask tree reduction. For 8- and 16-bit data (uint8/uint16/int16, float16) this histogram holds every
+  distinct value, so pass 1 is exact: ``method="histogram-exact"``.
+* For wider dtypes the bin holding each needed rank is known after pass 1; pass 2 either gathers the values of
+  that bin and sorts them (when it holds at most ``_GATHER_LIMIT`` values) or counts the next 16 bits of its
+  keys. float32/int32 are therefore always exact after two passes (``method="two-pass"``); 64-bit data whose
+  needed bins are overfull (many values sharing the top 32 bits) may take up to four.
+* ``max_passes`` stops early; the bin a rank is known to lie in then bounds the error, which is reported as
+  ``error_bound`` (0.0 whenever the result is exact).
+
+The final value uses numpy's ``'linear'`` formula operation for operation (virtual index ``(n - 1) * q / 100``,
+``a + (b - a) * g``, or ``b - (b - a) * (1 - g)`` when ``g >= 0.5``), so the result ``==``
+``np.percentile(channel, q)``. One exception, where numpy is wrong: numpy subtracts neighbouring order
+statistics in the input dtype, which wraps around for signed ints whose neighbours are more than half the
+dtype's range apart; we subtract exactly.
+
+Non-finite float values (NaN, +-Inf) are detected for free from the pass-1 histogram: their keys fill the bins
+of the all-ones exponent, which hold nothing else.
+
+The stats JSON (``l2l-scale stats --json``) is versioned by its ``"l2l_scale_stats"`` key; see
+:func:`dataset_stats`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import dask
+import dask.array as da
+import numpy as np
+import xarray as xr
+
+from l2l_scale.errors import ChannelError, ConfigError, InputError
+
+__all__ = [
+    "STATS_VERSION",
+    "dataset_stats",
+    "load_stats",
+    "normalize",
+    "parse_percentiles",
+    "percentiles",
+    "save_stats",
+    "stats_for",
+]
+
+STATS_VERSION = 1
+SCOPES = ("image", "dataset")
+METHOD_EXACT = "histogram-exact"
+METHOD_TWO_PASS = "two-pass"
+
+_DIGIT = 16  # bits resolved per histogram pass: 65536 bins = 512 KiB of int64 per channel and block
+_GATHER_LIMIT = 1 << 22  # a bin with at most this many values is gathered and sorted instead of refined
+_SLICE = 1 << 18  # np.bincount casts its input to intp; slicing keeps that temporary small (and cache-resident)
+_BATCH_BYTES = 1 << 28  # histogram bytes brought back to the client per compute (plates with many fields)
+_UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+
+
+# ------------------------------------------------------------------------------------------- percentiles args
+
+
+def parse_percentiles(text_or_seq: str | Sequence[float]) -> tuple[float, float]:
+    """Parse a low/high percentile pair such as ``"1,99.9"`` or ``(1, 99.9)``.
+
+    Parameters
+    ----------
+    text_or_seq : str or sequence of float
+        Two numbers in [0, 100], low first, separated by a comma (or whitespace) in a string.
+
+    Returns
+    -------
+    (float, float)
+        ``(low, high)`` with ``0 <= low < high <= 100``.
+
+    Raises
+    ------
+    ConfigError
+        Not two numbers, a number outside [0, 100], or ``low >= high``.
+    """
+    hint = "give two percentiles like '1,99.9'"
+    if isinstance(text_or_seq, str):
+        parts = [p for p in re.split(r"[,\s]+", text_or_seq.strip()) if p]
+    elif isinstance(text_or_seq, Iterable):
+        parts = list(text_or_seq)
+    else:
+        raise ConfigError(f"percentiles {text_or_seq!r} are not two numbers; {hint}")
+    if len(parts) != 2:
+        raise ConfigError(f"percentiles {text_or_seq!r} are not two numbers; {hint}")
+    try:
+        lo, hi = (float(p) for p in parts)
+    except (TypeError, ValueError):
+        raise ConfigError(f"percentiles {text_or_seq!r} are not two numbers; {hint}") from None
+    if not (0.0 <= lo <= 100.0 and 0.0 <= hi <= 100.0):  # also rejects NaN
+        raise ConfigError(f"percentiles {lo:g},{hi:g} must lie in [0, 100]; {hint}")
+    if lo >= hi:
+        raise ConfigError(f"low percentile {lo:g} must be below the high percentile {hi:g}; {hint}")
+    return lo, hi
+
+
+def _check_q(q: Any) -> np.ndarray:
+    try:
+        qs = np.atleast_1d(np.asarray(q, dtype=np.float64))
+    except (TypeError, ValueError):
+        raise ConfigError(f"percentiles {q!r} are not numbers; give numbers in [0, 100]") from None
+    if qs.ndim != 1 or qs.size == 0:
+        raise ConfigError(f"percentiles {q!r} must be a flat, non-empty list of numbers in [0, 100]")
+    if not np.all((qs >= 0) & (qs <= 100)):
+        raise ConfigError(f"percentiles {qs.tolist()} must lie in [0, 100]")
+    return qs
+
+
+# ------------------------------------------------------------------------------------------ order-keyed bits
+
+
+def _key_bits(dtype: np.dtype) -> int:
+    dtype = np.dtype(dtype)
+    if dtype.kind not in "biuf" or dtype.itemsize not in _UINT:
+        raise InputError(f"dtype {dtype} is not supported for percentiles; convert the image to an integer "
+                         "or float32 type first")
+    return dtype.itemsize * 8
+
+
+def _to_key(block: np.ndarray) -> np.ndarray:
+    """Map values to unsigned keys of the same width whose unsigned order is the value order."""
+    kind, w = block.dtype.kind, block.dtype.itemsize
+    if kind == "u":
+        return block
+    u = _UINT[w]
+    bits = block.view(u)
+    if kind == "b":
+        return bits
+    sign = u(1 << (8 * w - 1))
+    if kind == "i":
+        return bits ^ sign
+    # Floats: positives get the sign bit set (above all negatives); negatives are inverted (larger magnitude
+    # -> smaller key). neg is 0 or 1, so neg * all-ones is the inversion mask.
+    neg = bits >> u(8 * w - 1)
+    return bits ^ ((neg * u(np.iinfo(u).max)) | sign)
+
+
+def _from_key(key: int, dtype: np.dtype) -> np.generic:
+    """Inverse of :func:`_to_key` for one key."""
+    dtype = np.dtype(dtype)
+    w = dtype.itemsize * 8
+    u = _UINT[dtype.itemsize]
+    key = int(key)
+    if dtype.kind == "i":
+        key ^= 1 << (w - 1)
+    elif dtype.kind == "f":
+        key = key ^ (1 << (w - 1)) if key >> (w - 1) else ~key & ((1 << w) - 1)
+    return np.array(key, dtype=u).view(dtype)[()]
+
+
+def _finite_key_bins(dtype: np.dtype, m: int) -> tuple[int, int]:
+    """First and last pass-1 bin (top ``m`` key bits) that hold finite floats; the rest hold only NaN/Inf.
+
+    The top 16 bits hold the sign and the whole exponent of float16/32/64, so the all-ones exponent (NaN, Inf)
+    owns whole bins.
+    """
+    w = np.dtype(dtype).itemsize * 8
+    big = np.array([np.finfo(dtype).max], dtype=dtype)
+    lo_key = int(_to_key(-big)[0])
+    hi_key = int(_to_key(big)[0])
+    return lo_key >> (w - m), hi_key >> (w - m)
+
+
+# ----------------------------------------------------------------------------------------- per-block kernels
+
+
+def _bincount(values: np.ndarray, nbins: int) -> np.ndarray:
+    if values.dtype.itemsize == 8:  # uint64 does not cast safely to intp; values are < 2**16 here
+        values = values.astype(np.uint32)
+    if values.size <= _SLICE:
+        return np.bincount(values, minlength=nbins)
+    counts = np.bincount(values[:_SLICE], minlength=nbins)
+    for start in range(_SLICE, values.size, _SLICE):
+        counts += np.bincount(values[start:start + _SLICE], minlength=nbins)
+    return counts
+
+
+def _hist_block(block: np.ndarray, requests: tuple, bits: int, nbins: int, n_rows: int,
+                block_info: dict | None = None) -> np.ndarray:
+    """Histograms of one block: for each channel row and each requested prefix, counts of the next key digit.
+
+    ``requests[c]`` lists ``(known_bits, prefix)`` pairs for channel ``c``; the counted keys are those whose top
+    ``known_bits`` equal ``prefix``, binned by their next ``min(16, bits - known_bits)`` bits.
+    """
+    c0 = block_info[0]["array-location"][0][0] if block_info else 0
+    out = np.zeros((block.shape[0],) + (1,) * (block.ndim - 1) + (n_rows, nbins), dtype=np.int64)
+    for i in range(block.shape[0]):
+        reqs = requests[c0 + i]
+        if not reqs:
+            continue
+        keys = _to_key(block[i]).ravel()
+        for row, (known, prefix) in enumerate(reqs):
+            m = min(_DIGIT, bits - known)
+            shift = bits - known - m
+            if known == 0:
+                sub = keys >> shift if shift else keys
+            else:
+                sel = keys[(keys >> (bits - known)) == prefix]
+                sub = (sel >> shift) & ((1 << m) - 1)
+            out[(i,) + (0,) * (block.ndim - 1) + (row, slice(0, 1 << m))] = _bincount(sub, 1 << m)
+    return out
+
+
+def _prefix_mask(block: np.ndarray, known: int, prefix: int, bits: int) -> np.ndarray:
+    keys = _to_key(block)
+    return (keys >> (bits - known)) == prefix
+
+
+# ------------------------------------------------------------------------------------------------- the engine
+
+
+@dataclass
+class _Probe:
+    """Where one needed order statistic is known to be: in the keys starting with ``prefix`` (``known`` bits)."""
+
+    known: int
+    prefix: int
+    rank: int  # rank inside that prefix bin
+    count: int  # values inside that prefix bin
+    pending: tuple | None = None  # the request made for it in the current pass
+
+
+@dataclass
+class _Pool:
+    """One statistic: the pooled values of ``members`` = [(source index, channel index), ...]."""
+
+    members: list[tuple[int, int]]
+    dtype: np.dtype
+    bits: int
+    label: str
+    n: int | None = None
+    probes: dict[int, _Probe] = field(default_factory=dict)
+    values: dict[int, Any] = field(default_factory=dict)  # rank -> exact value (dtype scalar)
+    acc: dict[tuple, Any] = field(default_factory=dict)
+
+    def requests(self) -> set[tuple]:
+        if self.n is None:
+            return {("hist", 0, 0)}
+        out = set()
+        for p in self.probes.values():
+            kind = "gather" if p.count <= _GATHER_LIMIT else "hist"
+            p.pending = (kind, p.known, p.prefix)
+            out.add(p.pending)
+        return out
+
+    def add(self, request: tuple, result: Any) -> None:
+        if request[0] == "hist":
+            self.acc[request] = result if request not in self.acc else self.acc[request] + result
+        else:
+            self.acc.setdefault(request, []).append(result)
+
+    def absorb(self, ranks_for_n) -> None:
+        """Use this pass's accumulated results to resolve or narrow every probe."""
+        acc, self.acc = self.acc, {}
+        if self.n is None:
+            hist = acc[("hist", 0, 0)]
+            self.n = int(hist.sum())
+            if self.n == 0:
+                raise InputError(f"{self.label} has no pixels; check the image and the channel selection")
+            if self.dtype.kind == "f":
+                lo_bin, hi_bin = _finite_key_bins(self.dtype, min(_DIGIT, self.bits))
+                bad = int(hist[:lo_bin].sum() + hist[hi_bin + 1:].sum())
+                if bad:
+                    raise InputError(f"{self.label} contains NaN or Inf ({bad} pixels); percentiles need finite "
+                                     "data: fix or mask the input (e.g. replace them by 0) first")
+            self.probes = {r: _Probe(0, 0, r, self.n, ("hist", 0, 0)) for r in ranks_for_n(self.n)}
+        done = []
+        sorted_cache: dict[tuple, np.ndarray] = {}
+        for r, p in self.probes.items():
+            kind = p.pending[0]
+            if kind == "gather":
+                if p.pending not in sorted_cache:
+                    sorted_cache[p.pending] = np.sort(np.concatenate(acc[p.pending]))
+                self.values[r] = sorted_cache[p.pending][p.rank]
+                done.append(r)
+                continue
+            hist = acc[p.pending]
+            m = min(_DIGIT, self.bits - p.known)
+            cum = np.cumsum(hist[: 1 << m])
+            digit = int(np.searchsorted(cum, p.rank, side="right"))
+            below = int(cum[digit - 1]) if digit else 0
+            p.rank -= below
+            p.count = int(hist[digit])
+            p.prefix = (p.prefix << m) | digit
+            p.known += m
+            if p.known == self.bits:
+                self.values[r] = _from_key(p.prefix, self.dtype)
+                done.append(r)
+        for r in done:
+            del self.probes[r]
+
+    def estimate(self, rank: int) -> tuple[Any, float]:
+        """(value, error bound) of a rank: exact, or the middle of the bin it is known to lie in."""
+        if rank in self.values:
+            return self.values[rank], 0.0
+        p = self.probes[rank]
+        free = self.bits - p.known
+        lo = float(_from_key(p.prefix << free, self.dtype))
+        hi = float(_from_key(((p.prefix + 1) << free) - 1, self.dtype))
+        return (lo + hi) / 2.0, (hi - lo) / 2.0
+
+
+def _needed_ranks(qs: np.ndarray):
+    def ranks(n: int) -> list[int]:
+        virtual = (n - 1) * (qs / 100.0)
+        prev = np.floor(virtual).astype(np.int64)
+        out = {0, n - 1}
+        for v, p in zip(virtual, prev):
+            p = min(max(int(p), 0), n - 1)
+            out.update((p, min(p + 1, n - 1)))
+        return sorted(out)
+    return ranks
+
+
+def _lerp_like_numpy(a: Any, b: Any, t: np.float64) -> np.float64:
+    """numpy's ``_lerp`` for one pair of order statistics; ``a``/``b`` are dtype scalars or float64 estimates."""
+    if isinstance(a, np.integer) or isinstance(a, np.bool_):
+        diff = np.float64(int(b) - int(a))  # exact even where numpy's in-dtype subtraction would wrap
+    else:
+        diff = np.float64(b - a)  # float dtypes subtract in their own precision, exactly as numpy does
+    if t >= 0.5:
+        return np.float64(b) - diff * (np.float64(1.0) - t)
+    return np.float64(a) + diff * t
+
+
+def _finish(pool: _Pool, qs: np.ndarray) -> tuple[np.ndarray, Any, Any, float]:
+    """(percentiles, min, max, error bound) of a pool whose passes are done."""
+    n = pool.n
+    # The same float operations as numpy's 'linear' method (see np.lib._function_base_impl._quantile).
+    virtual = (n - 1) * (qs / 100.0)
+    prev = np.floor(virtual)
+    out = np.empty(qs.size, dtype=np.float64)
+    bound = 0.0
+    for i, (v, p) in enumerate(zip(virtual, prev)):
+        lo_rank = min(max(int(p), 0), n - 1)
+        hi_rank = n - 1 if v >= n - 1 else lo_rank + 1
+        if v >= n - 1:
+            lo_rank = n - 1
+        a, ea = pool.estimate(lo_rank)
+        b, eb = pool.estimate(hi_rank)
+        out[i] = _lerp_like_numpy(a, b, np.float64(v - p))
+        bound = max(bound, ea, eb)
+    mn, emn = pool.estimate(0)
+    mx, emx = pool.estimate(n - 1)
+    return out, mn, mx, max(bound, emn, emx)
+
+
+def _run_pools(sources: list[da.Array], pools: list[_Pool], qs: np.ndarray, *, max_passes: int | None = None,
+               progress: str | None = None) -> int:
+    """Run the passes for all pools over all (channel-first) sources; returns the number of passes made."""
+    ranks_for_n = _needed_ranks(qs)
+    member_pools: dict[tuple[int, int], list[_Pool]] = {}
+    for pool in pools:
+        for mem in pool.members:
+            member_pools.setdefault(mem, []).append(pool)
+    passes = 0
+    while True:
+        wanted = {id(pool): pool.requests() for pool in pools if pool.n is None or pool.probes}
+        if not wanted or (max_passes is not None and passes >= max_passes):
+            return passes
+        # Per source and channel, the union of what the pools containing it want.
+        per_member: dict[tuple[int, int], set[tuple]] = {}
+        for mem, mpools in member_pools.items():
+            reqs = set().union(*(wanted.get(id(p), set()) for p in mpools))
+            if reqs:
+                per_member[mem] = reqs
+        for batch in _batches(sources, per_member):
+            _compute_batch(sources, batch, per_member, member_pools, wanted, progress, passes + 1)
+        for pool in pools:
+            if id(pool) in wanted:
+                pool.absorb(ranks_for_n)
+        passes += 1
+
+
+def _batches(sources: list[da.Array], per_member: dict) -> list[list[int]]:
+    """Groups of source indices whose histograms together stay below ``_BATCH_BYTES`` on the client."""
+    batches, current, size = [], [], 0
+    for s, src in enumerate(sources):
+        rows = max((sum(r[0] == "hist" for r in reqs) for (si, _), reqs in per_member.items() if si == s), default=0)
+        if not any(si == s for si, _ in per_member):
+            continue
+        nbytes = src.shape[0] * max(rows, 1) * (1 << min(_DIGIT, _key_bits(src.dtype))) * 8
+        if current and size + nbytes > _BATCH_BYTES:
+            batches.append(current)
+            current, size = [], 0
+        current.append(s)
+        size += nbytes
+    if current:
+        batches.append(current)
+    return batches
+
+
+def _compute_batch(sources, batch, per_member, member_pools, wanted, progress, pass_no) -> None:
+    collections: list[Any] = []
+    slots: list[tuple[str, int, Any]] = []  # ("hist", source, rows per channel) or ("gather", source, (c, req))
+    for s in batch:
+        x = sources[s]
+        bits = _key_bits(x.dtype)
+        rows = tuple(tuple(sorted((r[1], r[2]) for r in per_member.get((s, c), ()) if r[0] == "hist"))
+                     for c in range(x.shape[0]))
+        n_rows = max(len(r) for r in rows)
+        if n_rows:
+            nbins = 1 << min(_DIGIT, bits)
+            chunks = (x.chunks[0],) + tuple((1,) * len(c) for c in x.chunks[1:]) + ((n_rows,), (nbins,))
+            hist = x.map_blocks(_hist_block, requests=rows, bits=bits, nbins=nbins, n_rows=n_rows,
+                                chunks=chunks, new_axis=[x.ndim, x.ndim + 1], dtype=np.int64,
+                                meta=np.empty((0,) * (x.ndim + 2), dtype=np.int64))
+            # A tree reduction (split_every) over the blocks: per-task memory stays at a few histograms.
+            collections.append(hist.sum(axis=tuple(range(1, x.ndim)), split_every=8))
+            slots.append(("hist", s, rows))
+        for c in range(x.shape[0]):
+            for req in sorted(r for r in per_member.get((s, c), ()) if r[0] == "gather"):
+                xc = x[c]
+                mask = xc.map_blocks(_prefix_mask, known=req[1], prefix=req[2], bits=bits, dtype=bool)
+                collections.append(xc[mask])
+                slots.append(("gather", s, (c, req)))
+    if not collections:
+        return
+    if progress:
+        from l2l_scale.cluster import compute_with_progress
+
+        results = compute_with_progress(collections, f"{progress} (pass {pass_no})")
+    else:
+        results = dask.compute(*collections)
+    for (kind, s, info), res in zip(slots, results):
+        if kind == "hist":
+            for c, rows in enumerate(info):
+                for j, (known, prefix) in enumerate(rows):
+                    req = ("hist", known, prefix)
+                    for pool in member_pools.get((s, c), ()):
+                        if req in wanted.get(id(pool), ()):
+                            pool.add(req, res[c, j])
+        else:
+            c, req = info
+            for pool in member_pools.get((s, c), ()):
+                if req in wanted.get(id(pool), ()):
+                    pool.add(req, np.asarray(res))
+
+
+# ---------------------------------------------------------------------------------------------- array input
+
+
+def _channel_first(data: Any, channel_axis: int | str | None) -> tuple[da.Array, list[str], bool]:
+    """(dask array with channels first, channel names, whether the caller asked for no channel axis)."""
+    if isinstance(data, xr.DataArray):
+        arr = data.data if isinstance(data.data, da.Array) else da.from_array(np.asarray(data.data))
+        if channel_axis is None:
+            return arr.reshape((1,) + arr.shape) if arr.ndim else arr[None], ["0"], True
+        if isinstance(channel_axis, str):
+            if channel_axis not in data.dims:
+                if channel_axis != "c":
+                    raise ConfigError(f"channel axis {channel_axis!r} is not a dimension of the image "
+                                      f"{tuple(data.dims)}; name one of them or pass None")
+                return arr[None], ["0"], False  # an image without a c dim is one channel
+            axis = data.dims.index(channel_axis)
+        else:
+            axis = _int_axis(channel_axis, arr.ndim)
+        names = ([str(v) for v in data.coords[data.dims[axis]].values] if data.dims[axis] in data.coords
+                 else [str(i) for i in range(arr.shape[axis])])
+        return da.moveaxis(arr, axis, 0), names, False
+    if isinstance(data, np.ndarray) or not isinstance(data, da.Array):
+        data = np.asarray(data)
+        data = da.from_array(data, chunks="auto")
+    if channel_axis is None:
+        return data[None], ["0"], True
+    if isinstance(channel_axis, str):
+        raise ConfigError(f"channel_axis={channel_axis!r} names a dimension, but a plain array has none; "
+                          "pass an integer axis, None, or an xarray.DataArray")
+    axis = _int_axis(channel_axis, data.ndim)
+    return da.moveaxis(data, axis, 0), [str(i) for i in range(data.shape[axis])], False
+
+
+def _int_axis(axis: Any, ndim: int) -> int:
+    if not isinstance(axis, (int, np.integer)) or not -ndim <= int(axis) < ndim:
+        raise ConfigError(f"channel axis {axis!r} does not exist in a {ndim}-D array; pass 0..{ndim - 1} or None")
+    return int(axis) % ndim
+
+
+def _check_source(x: da.Array, label: str) -> None:
+    _key_bits(x.dtype)
+    if any(math.isnan(c) for chunks in x.chunks for c in chunks):
+        raise InputError(f"{label} has unknown chunk sizes; call compute_chunk_sizes() on it first")
+
+
+def percentiles(data: da.Array | xr.DataArray | np.ndarray, q: Sequence[float], *,
+                channel_axis: int | str | None = "c", max_passes: int | None = None,
+                return_bound: bool = False) -> np.ndarray | tuple[np.ndarray, float]:
+    """Exact per-channel percentiles of a (dask-backed) image, computed out of core.
+
+    Parameters
+    ----------
+    data : dask.array.Array, xarray.DataArray or numpy.ndarray
+        The image. Nothing is loaded into memory at once: every pass is a Dask graph over its chunks and runs
+        on the current scheduler (a distributed client if one is active).
+    q : sequence of float
+        Percentiles in [0, 100].
+    channel_axis : int, str or None
+        The channel axis: a dim name for a DataArray (the default ``"c"``; a DataArray without a ``c`` dim is
+        one channel), an integer axis, or ``None`` to pool all values into one result.
+    max_passes : int, optional
+        Stop after this many passes over the data (wide dtypes only; 8/16-bit data always needs one). The
+        result is then within the returned error bound of the exact value. Default: run until exact.
+    return_bound : bool
+        Also return the error bound (0.0 when exact).
+
+    Returns
+    -------
+    numpy.ndarray
+        float64, shape ``(n_channels, len(q))``, or ``(len(q),)`` with ``channel_axis=None``. Row ``c`` equals
+        ``np.percentile(channel_c, q)`` (method ``'linear'``) exactly.
+    float
+        The error bound, with ``return_bound=True``.
+
+    Raises
+    ------
+    InputError
+        Float data with NaN or Inf, an empty image, or an unsupported dtype.
+    ConfigError
+        Percentiles outside [0, 100] or a channel axis that does not exist.
+    """
+    qs = _check_q(q)
+    x, names, pooled = _channel_first(data, channel_axis)
+    _check_source(x, "the image")
+    pools = [_Pool([(0, c)], np.dtype(x.dtype), _key_bits(x.dtype), f"channel {name}")
+             for c, name in enumerate(names)]
+    _run_pools([x], pools, qs, max_passes=max_passes)
+    results = [_finish(pool, qs) for pool in pools]
+    values = np.stack([r[0] for r in results])
+    bound = max(r[3] for r in results)
+    if pooled:
+        values = values[0]
+    return (values, bound) if return_bound else values
+
+
+# ------------------------------------------------------------------------------------------ dataset + JSON
+
+
+def dataset_stats(path: str | Path, *, q: str | Sequence[float] = (1.0, 99.9), scope: str = "image",
+                  channels: Sequence[str] | None = None, max_passes: int | None = None,
+                  progress: bool = False) -> dict:
+    """Exact low/high percentiles of every channel of an image, plate or folder of images.
+
+    Parameters
+    ----------
+    path : str or Path
+        An OME-Zarr image, HCS plate, well or folder of images (see :func:`l2l_scale.io.list_images`).
+    q : str or (float, float)
+        Low and high percentile (see :func:`parse_percentiles`).
+    scope : {"image", "dataset"}
+        ``"image"``: one normalisation per image. ``"dataset"``: one per channel, pooled over all images
+        (exact: their histograms add up); per-image entries are included too. Channels are pooled by name,
+        so every image must have them and share one dtype.
+    channels : sequence of str, optional
+        Only these channels (names, or indices).
+    max_passes : int, optional
+        See :func:`percentiles`.
+    progress : bool
+        Show a progress bar per pass (the CLI turns it on).
+
+    Returns
+    -------
+    dict
+        JSON-able::
+
+            {"l2l_scale_stats": 1, "percentiles": [lo_q, hi_q], "scope": ..., "source": path,
+             "method": "histogram-exact" | "two-pass", "passes": n, "error_bound": 0.0,
+             "images": {key: {channel: {"lo", "hi", "min", "max", "count", "dtype"}}},
+             "dataset": {channel: {...}}}   # "dataset" only with scope "dataset"
+
+        ``key`` is the image's key in the dataset ("" for a single image, "A/1/0" for plate fields).
+    """
+    from l2l_scale import __version__
+    from l2l_scale.io.ome_zarr import list_images, open_image, select_channels
+
+    lo_q, hi_q = parse_percentiles(q)
+    if scope not in SCOPES:
+        raise ConfigError(f"scope {scope!r} is not one of {', '.join(SCOPES)}; use 'image' or 'dataset'")
+    qs = np.array([lo_q, hi_q])
+    refs = list_images(path)
+    sources, names_per = [], []
+    for ref in refs:
+        img = open_image(ref.path)
+        if channels:
+            if "c" not in img.dims:
+                raise ChannelError(f"image {ref.key or ref.path} has no channel axis; drop --channels")
+            img = select_channels(img, list(channels))
+        x, names, _ = _channel_first(img, "c")
+        label = f"image {ref.key or str(ref.path)!r}"
+        _check_source(x, label)
+        if len(set(names)) != len(names):
+            raise InputError(f"{label} has duplicate channel names {names}; give every channel a unique name")
+        sources.append(x)
+        names_per.append(names)
+    pools: list[_Pool] = []
+    image_pools: dict[str, dict[str, _Pool]] = {}
+    for s, (ref, names) in enumerate(zip(refs, names_per)):
+        dtype = np.dtype(sources[s].dtype)
+        image_pools[ref.key] = {}
+        for c, name in enumerate(names):
+            label = f"channel {name!r} of image {ref.key or str(ref.path)!r}"
+            pool = _Pool([(s, c)], dtype, _key_bits(dtype), label)
+            image_pools[ref.key][name] = pool
+            pools.append(pool)
+    dataset_pools: dict[str, _Pool] = {}
+    if scope == "dataset":
+        first = refs[0].key or str(refs[0].path)
+        for ref, names, x in zip(refs, names_per, sources):
+            here = ref.key or str(ref.path)
+            if sorted(names) != sorted(names_per[0]):
+                raise ChannelError(f"image {here!r} has channels {names} but image {first!r} has "
+                                   f"{names_per[0]}; dataset scope pools channels by name: pass --channels with "
+                                   "channels every image has")
+            if x.dtype != sources[0].dtype:
+                raise InputError(f"image {here!r} is {x.dtype} but image {first!r} is {sources[0].dtype}; "
+                                 "dataset scope needs one dtype: use scope 'image' or convert the images")
+        dtype = np.dtype(sources[0].dtype)
+        for name in names_per[0]:
+            members = [(s, names.index(name)) for s, names in enumerate(names_per)]
+            pool = _Pool(members, dtype, _key_bits(dtype), f"channel {name!r} of the dataset")
+            dataset_pools[name] = pool
+            pools.append(pool)
+    passes = _run_pools(sources, pools, qs, max_passes=max_passes,
+                        progress="stats" if progress else None)
+
+    bound = 0.0
+
+    def entry(pool: _Pool) -> dict:
+        nonlocal bound
+        vals, mn, mx, err = _finish(pool, qs)
+        bound = max(bound, err)
+        return {"lo": float(vals[0]), "hi": float(vals[1]), "min": _py(mn), "max": _py(mx),
+                "count": int(pool.n), "dtype": str(pool.dtype)}
+
+    out: dict[str, Any] = {
+        "l2l_scale_stats": STATS_VERSION,
+        "percentiles": [lo_q, hi_q],
+        "scope": scope,
+        "source": str(path),
+        "method": METHOD_EXACT if all(p.bits <= _DIGIT for p in pools) else METHOD_TWO_PASS,
+        "passes": passes,
+        "error_bound": 0.0,
+        "l2l_scale_version": __version__,
+        "images": {key: {name: entry(pool) for name, pool in chans.items()} for key, chans in image_pools.items()},
+    }
+    if scope == "dataset":
+        out["dataset"] = {name: entry(pool) for name, pool in dataset_pools.items()}
+    out["error_bound"] = float(bound)
+    return out
+
+
+def _py(value: Any) -> int | float:
+    if isinstance(value, (np.integer, np.bool_)):
+        return int(value)
+    return float(value)
+
+
+def save_stats(stats: dict, path: str | Path) -> Path:
+    """Write a stats dict as JSON, atomically (a crash never leaves half a file)."""
+    path = Path(path)
+    _validate(stats, path)
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(json.dumps(stats, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def _validate(stats: Any, path: str | Path) -> dict:
+    where = f"{path}: " if path else ""
+    fix = "regenerate it with 'l2l-scale stats INPUT --json OUT.json'"
+    if not isinstance(stats, dict) or "l2l_scale_stats" not in stats:
+        raise InputError(f"{where}not an l2l-scale stats file (no 'l2l_scale_stats' key); {fix}")
+    version = stats["l2l_scale_stats"]
+    if not isinstance(version, int) or version < 1:
+        raise InputError(f"{where}stats format version {version!r} is invalid; {fix}")
+    if version > STATS_VERSION:
+        raise InputError(f"{where}stats format version {version} is newer than this l2l-scale reads "
+                         f"({STATS_VERSION}); upgrade l2l-scale")
+    try:
+        parse_percentiles(stats.get("percentiles"))
+    except ConfigError:
+        raise InputError(f"{where}'percentiles' is not a valid low/high pair; {fix}") from None
+    if stats.get("scope") not in SCOPES:
+        raise InputError(f"{where}'scope' is {stats.get('scope')!r}, not one of {SCOPES}; {fix}")
+    tables = [("images", img) for img in (stats.get("images") or {}).values()] if isinstance(
+        stats.get("images"), dict) else None
+    if tables is None:
+        raise InputError(f"{where}'images' is missing or not a mapping; {fix}")
+    if stats["scope"] == "dataset":
+        if not isinstance(stats.get("dataset"), dict):
+            raise InputError(f"{where}scope is 'dataset' but the 'dataset' entry is missing; {fix}")
+        tables.append(("dataset", stats["dataset"]))
+    for name, table in tables:
+        if not isinstance(table, dict):
+            raise InputError(f"{where}an entry of '{name}' is not a mapping of channels; {fix}")
+        for ch, e in table.items():
+            ok = isinstance(e, dict) and all(isinstance(e.get(k), (int, float)) and not isinstance(e.get(k), bool)
+                                             for k in ("lo", "hi"))
+            if not ok:
+                raise InputError(f"{where}channel {ch!r} in '{name}' lacks numeric 'lo'/'hi'; {fix}")
+    return stats
+
+
+def load_stats(path: str | Path) -> dict:
+    """Read and validate a stats JSON written by :func:`save_stats` / ``l2l-scale stats``.
+
+    Raises
+    ------
+    InputError
+        Missing file, invalid JSON, or not a (supported) stats file.
+    """
+    from l2l_scale.io.ome_zarr import read_json
+
+    return _validate(read_json(path), path)
+
+
+def stats_for(stats: dict | str | Path, image_key: str, channel: str) -> tuple[float, float]:
+    """The (lo, hi) normalisation of one channel of one image.
+
+    With scope ``"dataset"`` the dataset-wide values are returned for every image (``image_key`` is not
+    checked, so they can normalise new images of the same kind).
+
+    Parameters
+    ----------
+    stats : dict or path
+        A stats dict (from :func:`dataset_stats` or :func:`load_stats`) or the path of a stats JSON.
+    image_key : str
+        The image's key in its dataset (``ImageRef.key``: ``""`` for a single image, ``"A/1/0"``).
+    channel : str
+        The channel name.
+
+    Raises
+    ------
+    InputError
+        The image is not in the stats (scope "image").
+    ChannelError
+        The channel is not in the stats.
+    """
+    if isinstance(stats, (str, Path)):
+        stats = load_stats(stats)
+    fix = "compute stats for this input with 'l2l-scale stats'"
+    if stats.get("scope") == "dataset":
+        table, where = stats["dataset"], "the dataset statistics"
+    else:
+        images = stats.get("images") or {}
+        if image_key not in images:
+            known = ", ".join(repr(k) for k in list(images)[:5]) + (" ..." if len(images) > 5 else "")
+            raise InputError(f"image {image_key!r} is not in the statistics (they cover {known}); {fix}")
+        table, where = images[image_key], f"the statistics of image {image_key!r}"
+    entry = table.get(str(channel))
+    if entry is None:
+        raise ChannelError(f"channel {channel!r} is not in {where} (channels {list(table)}); check the channel "
+                           f"name or {fix}")
+    return float(entry["lo"]), float(entry["hi"])
+
+
+# ------------------------------------------------------------------------------------------------- normalise
+
+
+def normalize(data: Any, lo: Any, hi: Any, *, clip: bool = False, eps: float = 1e-20,
+              dtype: Any = np.float32, channel_axis: int | str | None = "c") -> Any:
+    """Map ``lo`` to 0 and ``hi`` to 1: ``(x - lo) / (hi - lo + eps)``, as ``csbdeep.utils.normalize_mi_ma``.
+
+    Parameters
+    ----------
+    data : numpy.ndarray, dask.array.Array or xarray.DataArray
+        The image; dask and xarray inputs stay lazy.
+    lo, hi : float or sequence of float
+        Scalars, or one value per channel along ``channel_axis``.
+    clip : bool
+        Clip the result to [0, 1].
+    eps : float
+        Added to the denominator, as in CSBDeep.
+    dtype : numpy dtype or None
+        Compute and return in this dtype (CSBDeep's default float32); ``None`` keeps the input's.
+    channel_axis : int or str
+        Where per-channel ``lo``/``hi`` apply: a dim name for a DataArray, an integer axis otherwise.
+
+    Raises
+    ------
+    InputError
+        ``hi <= lo`` for a channel: the channel is constant (or the percentiles are swapped).
+    """
+    lo_a = np.asarray(lo, dtype=np.float64)
+    hi_a = np.asarray(hi, dtype=np.float64)
+    if lo_a.ndim > 1 or hi_a.ndim > 1 or lo_a.shape != hi_a.shape:
+        raise ConfigError(f"lo {lo!r} and hi {hi!r} must be two scalars or two lists of equal length")
+    names: list[str] | None = None
+    axis = None
+    if lo_a.ndim == 1:
+        if isinstance(data, xr.DataArray) and isinstance(channel_axis, str) and channel_axis in data.dims:
+            axis = data.dims.index(channel_axis)
+            if channel_axis in data.coords:
+                names = [str(v) for v in data.coords[channel_axis].values]
+        elif isinstance(channel_axis, (int, np.integer)):
+            axis = _int_axis(channel_axis, np.ndim(data))
+        elif lo_a.size != 1:
+            raise ConfigError(f"{lo_a.size} per-channel values given but the image has no channel axis "
+                              f"{channel_axis!r}; pass scalars or the channel axis")
+        if axis is not None and lo_a.size != np.shape(data)[axis]:
+            raise ConfigError(f"{lo_a.size} per-channel values for {np.shape(data)[axis]} channels; "
+                              "give one lo/hi per channel")
+    elif isinstance(data, xr.DataArray) and isinstance(channel_axis, str) and channel_axis in data.coords \
+            and data.coords[channel_axis].size == 1:
+        names = [str(v) for v in np.ravel(data.coords[channel_axis].values)]
+    bad = np.flatnonzero(np.ravel(~(hi_a > lo_a)))
+    if bad.size:
+        i = int(bad[0])
+        name = names[i] if names and i < len(names) else str(i) if lo_a.ndim else (names[0] if names else "0")
+        l, h = float(np.ravel(lo_a)[i]), float(np.ravel(hi_a)[i])
+        if l == h:
+            raise InputError(f"channel {name} is constant (percentiles lo == hi == {l:g}); check the channel "
+                             "selection or the percentiles")
+        raise InputError(f"channel {name} has lo {l:g} above hi {h:g}; check the channel selection or the "
+                         "percentiles (low first)")
+    if axis is not None:
+        shape = [1] * np.ndim(data)
+        shape[axis] = lo_a.size
+        lo_a, hi_a = lo_a.reshape(shape), hi_a.reshape(shape)
+        if isinstance(data, xr.DataArray):
+            dim = data.dims[axis]
+            lo_a = xr.DataArray(lo_a.reshape(-1), dims=(dim,))
+            hi_a = xr.DataArray(hi_a.reshape(-1), dims=(dim,))
+    x = data
+    if dtype is not None:
+        dt = np.dtype(dtype).type
+        x = x.astype(dt)
+        lo_a = lo_a.astype(dt) if lo_a.ndim else dt(lo_a)
+        hi_a = hi_a.astype(dt) if hi_a.ndim else dt(hi_a)
+        eps = dt(eps)
+    out = (x - lo_a) / (hi_a - lo_a + eps)
+    if clip:
+        out = out.clip(0, 1)
+    return out

@@ -1,0 +1,209 @@
+"""The OME-Zarr data layer: NGFF 0.4/0.5 reading, 0.5 pyramid and plate writing, atomicity, laziness."""
+
+from __future__ import annotations
+
+import tracemalloc
+
+import dask
+import dask.array as da
+import numpy as np
+import pytest
+import xarray as xr
+import zarr
+
+from l2l_scale.errors import ChannelError, InputError, OutputError
+from l2l_scale.io import ome_zarr as oz
+
+
+def _image(shape=(2, 300, 260), chunks=(1, 128, 128), names=("AC-15", "phalloidin"), px=0.05, seed=0):
+    rng = np.random.default_rng(seed)
+    data = rng.integers(0, 4000, size=shape, dtype=np.uint16)
+    arr = xr.DataArray(da.from_array(data, chunks=chunks), dims=("c", "y", "x"), coords={"c": list(names)},
+                       attrs={"pixel_size": {"y": px, "x": px}})
+    return arr, data
+
+
+def _validate(path):
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Reader
+    from ome_zarr_models import open_ome_zarr
+
+    model = open_ome_zarr(str(path))
+    nodes = list(Reader(parse_url(str(path)))())
+    return model, nodes
+
+
+def test_roundtrip_keeps_data_and_metadata(tmp_path):
+    arr, data = _image()
+    out = oz.write_image(arr, tmp_path / "img.zarr", chunks=128, provenance=oz.provenance({"k": 1}, "src.tif"))
+    img = oz.open_image(out)
+    assert img.dims == ("c", "y", "x")
+    assert isinstance(img.data, da.Array)
+    np.testing.assert_array_equal(img.values, data)
+    assert list(img.coords["c"].values) == ["AC-15", "phalloidin"]
+    assert img.attrs["pixel_size"] == {"y": 0.05, "x": 0.05}
+    np.testing.assert_allclose(img.coords["x"].values[:3], [0.0, 0.05, 0.10])
+    prov = img.attrs["l2l_scale"]
+    assert prov["parameters"] == {"k": 1} and prov["input"] == "src.tif" and prov["version"]
+    group = zarr.open_group(str(out), mode="r")
+    ome = group.attrs["ome"]
+    assert ome["version"] == "0.5"
+    assert group["0"].metadata.dimension_names == ("c", "y", "x")
+    assert group["0"].chunks == (1, 128, 128)
+    codec = group["0"].compressors[0]
+    assert type(codec).__name__ == "BloscCodec" and codec.cname.value == "zstd"
+    windows = [ch["window"] for ch in ome["omero"]["channels"]]
+    assert all(w["end"] > w["start"] for w in windows)
+    model, nodes = _validate(out)
+    assert type(model).__name__ == "Image"
+    assert nodes[0].metadata["channel_names"] == ["AC-15", "phalloidin"]
+
+
+def test_pyramid_is_2x_mean_until_1024(tmp_path):
+    data = np.arange(2200 * 1100, dtype=np.float32).reshape(1, 2200, 1100) % 997
+    out = oz.write_image(xr.DataArray(data, dims=("c", "y", "x"), attrs={"pixel_size": 0.1}), tmp_path / "p.zarr",
+                         chunks=512)
+    info = oz.read_info(out)
+    assert info["levels"] == [[1, 2200, 1100], [1, 1100, 550], [1, 550, 275]]
+    lvl1 = oz.open_image(out, level=1)
+    ref = data[:, :2200, :1100].reshape(1, 1100, 2, 550, 2).mean(axis=(2, 4))
+    np.testing.assert_allclose(lvl1.values, ref, rtol=1e-6)
+    # Level k pixel centres sit at the mean of the 2^k level-0 centres they average.
+    assert lvl1.attrs["pixel_size"]["x"] == pytest.approx(0.2)
+    assert lvl1.coords["x"].values[0] == pytest.approx(0.05)
+    assert oz.open_image(out, level=-1).shape == (1, 550, 275)
+
+
+def test_opening_reads_no_pixel_data(tmp_path):
+    arr, _ = _image()
+    out = oz.write_image(arr, tmp_path / "img.zarr", chunks=128)
+    for chunk_file in (out / "0").rglob("*"):
+        if chunk_file.is_file() and chunk_file.name != "zarr.json":
+            chunk_file.unlink()
+    img = oz.open_image(out)  # metadata only: works without any chunk on disk
+    assert img.shape == (2, 300, 260)
+    assert int(img.isel(c=0, y=0, x=0).values) == 0  # missing chunks read as the fill value, proving laziness
+
+
+def test_ngff_04_is_read(tmp_path):
+    # An NGFF 0.4 image as the spec lays it out: zarr v2 arrays, metadata at the top level of .zattrs.
+    data = np.random.default_rng(1).integers(0, 255, (2, 64, 80), dtype=np.uint8)
+    path = tmp_path / "v04.zarr"
+    root = zarr.open_group(str(path), mode="w", zarr_format=2)
+    root.create_array("s0", data=data, chunks=(1, 32, 32))
+    root.create_array("s1", data=data[:, ::2, ::2], chunks=(1, 32, 32))
+    root.attrs.update({
+        "multiscales": [{"version": "0.4", "name": "v04",
+                         "axes": [{"name": "c", "type": "channel"}, {"name": "y", "type": "space", "unit": "micrometer"},
+                                  {"name": "x", "type": "space", "unit": "micrometer"}],
+                         "datasets": [{"path": "s0", "coordinateTransformations": [
+                                          {"type": "scale", "scale": [1.0, 0.2, 0.3]}]},
+                                      {"path": "s1", "coordinateTransformations": [
+                                          {"type": "scale", "scale": [1.0, 0.4, 0.6]}]}]}],
+        "omero": {"channels": [{"label": "DM1A"}, {"label": "YOL1/34"}]},
+    })
+    img = oz.open_image(path)
+    assert img.attrs["ngff_version"] == "0.4"
+    np.testing.assert_array_equal(img.values, data)
+    assert list(img.coords["c"].values) == ["DM1A", "YOL1/34"]
+    assert img.attrs["pixel_size"] == {"y": 0.2, "x": 0.3}
+    assert oz.open_image(path, level=1).attrs["pixel_size"] == {"y": 0.4, "x": 0.6}
+
+
+def test_plate_roundtrip(tmp_path):
+    a, da_ = _image(seed=1)
+    b, db = _image(seed=2)
+    c, dc = _image(seed=3)
+    out = oz.write_plate({"A/1/0": a, "A/1/1": b, ("B03", 0): c}, tmp_path / "plate.zarr", chunks=128)
+    assert oz.list_fields(out) == ["A/1/0", "A/1/1", "B/3/0"]
+    np.testing.assert_array_equal(oz.open_image(out, field="A/1/1").values, db)
+    np.testing.assert_array_equal(oz.open_image(out / "B/3/0").values, dc)
+    refs = oz.list_images(out)
+    assert [r.key for r in refs] == ["A/1/0", "A/1/1", "B/3/0"]
+    info = oz.read_info(out)
+    assert info["plate"]["rows"] == ["A", "B"] and info["plate"]["columns"] == ["1", "3"]
+    model, nodes = _validate(out)
+    assert type(model).__name__ == "HCS"
+    assert not (out / oz.PROGRESS_DIR).exists()
+
+
+def test_write_streams_with_bounded_memory(tmp_path):
+    # 64 MB of float32 written in 256^2 chunks: peak traced memory stays a small multiple of one chunk.
+    big = da.random.random((4096, 4096), chunks=(256, 256)).astype(np.float32)
+    tracemalloc.start()
+    with dask.config.set(scheduler="threads", num_workers=2):
+        oz.write_image(big, tmp_path / "big.zarr", dims=("y", "x"), chunks=256)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < 16e6, f"peak {peak / 1e6:.1f} MB for a 64 MB image"
+
+
+def test_failed_write_leaves_nothing(tmp_path):
+    def boom(block, block_info=None):
+        if block_info[0]["chunk-location"] == (1, 1):
+            raise RuntimeError("disk on fire")
+        return block
+
+    arr = da.ones((256, 256), chunks=(128, 128), dtype=np.uint16).map_blocks(boom, dtype=np.uint16)
+    with pytest.raises(RuntimeError):
+        oz.write_image(arr, tmp_path / "x.zarr", dims=("y", "x"), chunks=128)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_resume_writes_only_missing_blocks(tmp_path):
+    calls, fail = [], [True]
+
+    def flaky(block, block_info=None):
+        loc = block_info[0]["chunk-location"]
+        calls.append(loc)
+        if loc == (1, 1) and fail[0]:
+            fail[0] = False
+            raise RuntimeError("killed")
+        return block + 1
+
+    base = da.zeros((256, 256), chunks=(128, 128), dtype=np.uint16)
+    with dask.config.set(scheduler="synchronous"):
+        with pytest.raises(RuntimeError):
+            oz.write_image(base.map_blocks(flaky, dtype=np.uint16), tmp_path / "r.zarr", dims=("y", "x"),
+                           chunks=128, resume=True)
+        assert oz.partial_path(tmp_path / "r.zarr").exists() and not (tmp_path / "r.zarr").exists()
+        done_before = len(calls) - 1
+        calls.clear()
+        oz.write_image(base.map_blocks(flaky, dtype=np.uint16), tmp_path / "r.zarr", dims=("y", "x"),
+                       chunks=128, resume=True)
+    assert len(calls) == 4 - done_before
+    np.testing.assert_array_equal(oz.open_image(tmp_path / "r.zarr").values, 1)
+
+
+def test_output_exists_and_overwrite(tmp_path):
+    arr, data = _image()
+    out = oz.write_image(arr, tmp_path / "o.zarr")
+    with pytest.raises(OutputError, match="--overwrite"):
+        oz.write_image(arr * 0, out)
+    oz.write_image(arr * 0, out, overwrite=True)
+    assert int(oz.open_image(out).max()) == 0
+    with pytest.raises(OutputError, match="overlaps the input"):
+        oz.write_image(arr, out / "inside.zarr", inputs=[out], overwrite=True)
+
+
+def test_reader_errors(tmp_path):
+    with pytest.raises(InputError, match="does not exist"):
+        oz.open_image(tmp_path / "nope.zarr")
+    zarr.open_group(str(tmp_path / "plain.zarr"), mode="w")
+    with pytest.raises(InputError, match="not an OME-Zarr"):
+        oz.open_image(tmp_path / "plain.zarr")
+    (tmp_path / "text.zarr").write_text("hello")
+    with pytest.raises(InputError, match="not an OME-Zarr"):
+        oz.open_image(tmp_path / "text.zarr")
+    g = zarr.open_group(str(tmp_path / "old.zarr"), mode="w")
+    g.attrs["multiscales"] = [{"version": "0.3", "axes": ["y", "x"], "datasets": [{"path": "0"}]}]
+    with pytest.raises(InputError, match="unsupported NGFF version '0.3'"):
+        oz.open_image(tmp_path / "old.zarr")
+    arr, _ = _image()
+    plate = oz.write_plate({"A/1/0": arr}, tmp_path / "pl.zarr")
+    with pytest.raises(InputError, match="HCS plate"):
+        oz.open_image(plate)
+    img = oz.open_image(plate, field="A/1/0")
+    with pytest.raises(ChannelError, match="unknown channel 'DAPI'"):
+        oz.select_channels(img, ["DAPI"])
+    assert list(oz.select_channels(img, ["phalloidin", 0]).coords["c"].values) == ["phalloidin", "AC-15"]
