@@ -10,6 +10,10 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
+import sys
+import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +27,9 @@ from l2l_scale.model import (
     export_model,
     get_cached_model,
     load_model,
+    read_metadata,
     read_spec,
+    weights_path,
 )
 
 # name -> (csbdeep Config arguments, train with CARE.train?)
@@ -66,7 +72,9 @@ def csbdeep_models(tmp_path_factory):
         care = CARE(config, name, str(basedir))
         if train:
             x, y = _patches(8, c_in, c_out)
-            care.train(x, y, validation_data=(x[:2], y[:2]))
+            with warnings.catch_warnings():  # keras: "shuffle=True ... ignored" for csbdeep's generator
+                warnings.simplefilter("ignore", UserWarning)
+                care.train(x, y, validation_data=(x[:2], y[:2]))
         else:
             care.keras_model.save_weights(str(care.logdir / "weights_best.h5"))
         folders[name] = basedir / name
@@ -402,6 +410,39 @@ def test_predict_batch_checks_input(csbdeep_models):
 # ----------------------------------------------------------------------------------------------------------
 # Cache and threads
 # ----------------------------------------------------------------------------------------------------------
+
+
+def test_client_side_helpers_do_not_import_tensorflow(csbdeep_models, tmp_path):
+    loaded = load_model(csbdeep_models["d1k3_res"])
+    out = export_model(loaded.keras_model, loaded.spec, tmp_path / "m", metadata={"channels": {"input": ["AC-15"]}})
+    assert weights_path(out) == out.resolve() / "weights_best.h5"
+    assert weights_path(out, "weights_last.h5").name == "weights_last.h5"
+    assert read_metadata(out)["channels"] == {"input": ["AC-15"]}
+    assert read_metadata(csbdeep_models["d1k3_res"]) == {}
+    code = (
+        "import sys; from l2l_scale.model import read_spec, read_metadata, weights_path; "
+        f"s = read_spec({str(out)!r}); read_metadata({str(out)!r}); weights_path({str(out)!r}); "
+        "assert s.receptive_field == 9 and s.halo == 10; "
+        "assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules, 'TF imported'"
+    )
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
+def test_threads_share_one_model_and_predict_correctly(csbdeep_models, tmp_path):
+    folder = _copy(csbdeep_models["d2k5_2in2out_relu"], tmp_path / "threads")
+    with ThreadPoolExecutor(4) as pool:
+        models = list(pool.map(lambda _: get_cached_model(str(folder)), range(4)))
+    assert all(m is models[0] for m in models)
+    model = models[0]
+    rng = np.random.default_rng(3)
+    xs = [rng.random((1, s, s, 2), dtype=np.float32) for s in (32, 48, 64, 32, 48, 64)]  # several tile sizes
+    with ThreadPoolExecutor(3) as pool:
+        ys = list(pool.map(model.predict_batch, xs))
+    for x, y in zip(xs, ys):
+        np.testing.assert_allclose(y, model.keras_model(x, training=False).numpy(), atol=1e-6, rtol=0)
 
 
 def test_get_cached_model_loads_once(csbdeep_models, tmp_path):

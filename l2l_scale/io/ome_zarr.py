@@ -681,6 +681,9 @@ def atomic_output(path: str | Path, *, overwrite: bool = False, resume: bool = F
     path = check_output(path, overwrite=overwrite, inputs=inputs)
     tmp = partial_path(path)
     if tmp.exists() and not resume:
+        if not overwrite:
+            raise OutputError(f"{tmp} holds an interrupted run; pass --resume to finish it or --overwrite to "
+                              "start again")
         shutil.rmtree(tmp)
     try:
         tmp.mkdir(exist_ok=resume)

@@ -8,7 +8,9 @@ from l2l_scale.model.unet import (
     export_model,
     get_cached_model,
     load_model,
+    read_metadata,
     read_spec,
+    weights_path,
 )
 
 __all__ = [
@@ -19,5 +21,7 @@ __all__ = [
     "export_model",
     "get_cached_model",
     "load_model",
+    "read_metadata",
     "read_spec",
+    "weights_path",
 ]

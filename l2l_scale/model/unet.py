@@ -540,6 +540,41 @@ def load_model(model_dir: str | os.PathLike, weights: str | None = None) -> Load
     )
 
 
+def weights_path(model_dir: str | os.PathLike, weights: str | None = None) -> Path:
+    """The weights file :func:`load_model` would load (no TensorFlow import, nothing loaded).
+
+    Parameters
+    ----------
+    model_dir : str or path
+    weights : str, optional
+        File name inside the folder; default ``weights_best.h5``, else ``weights_last.h5``.
+
+    Returns
+    -------
+    Path
+
+    Raises
+    ------
+    ModelError
+        If the folder or the weights file is missing, or ``weights`` is not a plain h5 file name.
+    """
+    return _select_weights(_check_folder(model_dir).resolve(), weights)
+
+
+def read_metadata(model_dir: str | os.PathLike) -> dict:
+    """Read ``<model_dir>/l2l_scale.json`` (``{}`` for a plain CSBDeep folder), validated against ``config.json``.
+
+    No TensorFlow import: safe on a Dask client.
+
+    Raises
+    ------
+    ModelError
+        If ``config.json`` or ``l2l_scale.json`` is unreadable or they disagree (e.g. channel counts).
+    """
+    folder = _check_folder(model_dir).resolve()
+    return _read_metadata(folder, read_spec(folder))
+
+
 def _select_weights(folder: Path, weights: str | None) -> Path:
     if weights is not None:
         if Path(weights).name != weights or weights in (".", ".."):
@@ -623,7 +658,9 @@ def _unsafe_model_config(raw: Any) -> str | None:
         if isinstance(layers_list, list):
             for layer in layers_list:
                 lcls = layer.get("class_name") if isinstance(layer, dict) else None
-                if isinstance(lcls, str) and not hasattr(keras.layers, lcls) and lcls not in ("Functional", "Sequential", "Model"):
+                if not isinstance(lcls, str):
+                    continue
+                if not hasattr(keras.layers, lcls) and lcls not in ("Functional", "Sequential", "Model"):
                     return f"custom layer {lcls!r}"
         stack.extend(node.values())
     return None
@@ -748,7 +785,8 @@ def _validate_metadata(meta: Mapping, spec: ModelSpec) -> None:
             )
             if not ok:
                 raise ModelError(
-                    f"normalization.percentiles must be [lo, hi] with 0 <= lo < hi <= 100, got {pct!r}; fix the metadata"
+                    f"normalization.percentiles must be [lo, hi] with 0 <= lo < hi <= 100, got {pct!r}; "
+                    "fix the metadata"
                 )
 
 
@@ -917,7 +955,9 @@ def export_model(
             try:
                 best_model.load_weights(str(weights_best))
             except (ValueError, KeyError, OSError) as exc:
-                raise ModelError(f"cannot use {weights_best} as weights_best ({exc}); pass the checkpoint of this network") from exc
+                raise ModelError(
+                    f"cannot use {weights_best} as weights_best ({exc}); pass a checkpoint of this network"
+                ) from exc
         else:
             _set_weights(best_model, list(weights_best), "weights_best")
 
@@ -1025,4 +1065,6 @@ def _dumps(obj: Any) -> str:
     try:
         return json.dumps(obj, indent=2, default=_default, allow_nan=False)
     except (TypeError, ValueError) as exc:
-        raise ModelError(f"metadata cannot be written as JSON ({exc}); use plain numbers, strings, lists and dicts") from exc
+        raise ModelError(
+            f"metadata cannot be written as JSON ({exc}); use plain numbers, strings, lists and dicts"
+        ) from exc
