@@ -48,10 +48,11 @@ def _cluster_args(p: argparse.ArgumentParser) -> None:
                                        "or 'threads' for the in-process threaded scheduler")
 
 
-def _cluster(args: argparse.Namespace):
+def _cluster(args: argparse.Namespace, *, model_step: bool = False):
     from l2l_scale.cluster import config_from_options, dask_client
 
-    return dask_client(config_from_options(args.workers, args.threads_per_worker, args.memory_limit, args.scheduler))
+    return dask_client(config_from_options(args.workers, args.threads_per_worker, args.memory_limit, args.scheduler,
+                                           model_step=model_step))
 
 
 # ------------------------------------------------------------------------------------------- subcommands
@@ -110,7 +111,7 @@ def _cmd_stats(args: argparse.Namespace) -> int:
 def _cmd_predict(args: argparse.Namespace) -> int:
     from l2l_scale.predict import predict
 
-    with _cluster(args):
+    with _cluster(args, model_step=True):
         out = predict(args.model, args.input, args.output, channels=_names(args.channel), tile=args.tile,
                       batch=args.batch, dtype=args.dtype, percentiles=args.percentiles, norm_stats=args.norm_stats,
                       norm_scope=args.norm_scope, weights=args.weights, resume=args.resume,

@@ -63,8 +63,16 @@ class ClusterConfig(BaseModel):
 
 
 def config_from_options(workers: int | None = None, threads_per_worker: int | None = None,
-                        memory_limit: str | None = None, scheduler: str | None = None) -> ClusterConfig:
-    """Turn the shorthand CLI flags into a :class:`ClusterConfig`."""
+                        memory_limit: str | None = None, scheduler: str | None = None, *,
+                        model_step: bool = False) -> ClusterConfig:
+    """Turn the shorthand CLI flags into a :class:`ClusterConfig`.
+
+    ``model_step`` changes the LocalCluster default to one worker process with a thread per core: a TensorFlow
+    model then exists once (its memory is counted once, and its thread pool uses every core) while the other
+    thread reads and writes blocks. GPU clusters use one worker per GPU instead (see :mod:`l2l_scale.cluster`).
+    """
+    if model_step and workers is None and threads_per_worker is None:
+        workers, threads_per_worker = 1, os.cpu_count() or 1
     try:
         if scheduler and scheduler != "threads":
             return ClusterConfig(kind="address", address=scheduler)

@@ -1,0 +1,92 @@
+"""predict against a real external Dask cluster: `dask scheduler` + two `dask worker` processes on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from l2l_scale.io import ome_zarr as oz
+
+pytestmark = pytest.mark.timeout(600)
+
+
+def _spawn(*args, log):
+    return subprocess.Popen([sys.executable, "-m", "dask", *args], stdout=log, stderr=subprocess.STDOUT)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A scheduler and two single-threaded workers, one of which advertises GPU=1."""
+    from distributed import Client
+
+    tmp = tmp_path_factory.mktemp("cluster")
+    sched_file = tmp / "scheduler.json"
+    log = open(tmp / "cluster.log", "w")
+    procs = [_spawn("scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
+                    "--scheduler-file", str(sched_file), log=log)]
+    deadline = time.time() + 60
+    while not sched_file.exists() and time.time() < deadline:
+        time.sleep(0.2)
+    address = json.loads(sched_file.read_text())["address"]
+    for name, extra in (("gpu-worker", ["--resources", "GPU=1"]), ("cpu-worker", [])):
+        procs.append(_spawn("worker", address, "--name", name, "--nthreads", "1", "--nworkers", "1",
+                            "--host", "127.0.0.1", "--no-dashboard", "--memory-limit", "4GB", *extra, log=log))
+    client = Client(address, timeout="30s")
+    client.wait_for_workers(2, timeout=90)
+    yield address, client
+    client.close()
+    for p in procs[::-1]:
+        p.terminate()
+    for p in procs:
+        p.wait(timeout=30)
+    log.close()
+
+
+@pytest.fixture(scope="module")
+def model_and_image(tmp_path_factory):
+    from l2l_scale.model import ModelSpec, build_unet, export_model
+
+    tmp = tmp_path_factory.mktemp("m")
+    spec = ModelSpec(n_dim=2, n_channel_in=1, n_channel_out=1, unet_n_depth=1, unet_kern_size=3, unet_n_first=8,
+                     unet_last_activation="linear", unet_residual=True, probabilistic=False, axes="YXC")
+    mdir = export_model(build_unet(spec), spec, tmp / "model", metadata={"channels": {"input": ["AC-15"]}})
+    rng = np.random.default_rng(3)
+    data = rng.poisson(300, size=(1, 200, 330)).astype(np.uint16)
+    img = oz.write_image(xr.DataArray(data, dims=("c", "y", "x"), coords={"c": ["AC-15"]}), tmp / "in.zarr")
+    return mdir, img
+
+
+def test_inference_tasks_run_on_the_gpu_worker(cluster, model_and_image, tmp_path):
+    from distributed import get_task_stream
+
+    from l2l_scale.predict import predict
+
+    address, client = cluster
+    mdir, img = model_and_image
+    names = {addr: w["name"] for addr, w in client.scheduler_info(n_workers=-1)["workers"].items()}
+    with get_task_stream(client) as ts:
+        predict(mdir, img, tmp_path / "out.zarr", tile=64, chunks=64)
+    blocks = [t for t in ts.data if "_predict_block" in str(t["key"])]
+    assert len(blocks) == 4 * 6  # 200 x 330 in 64^2 chunks
+    assert {names[t["worker"]] for t in blocks} == {"gpu-worker"}
+
+
+def test_cli_uses_an_external_scheduler(cluster, model_and_image, tmp_path):
+    from l2l_scale.predict import predict
+
+    address, _ = cluster
+    mdir, img = model_and_image
+    run = subprocess.run([sys.executable, "-m", "l2l_scale.cli", "predict", str(mdir), str(img),
+                          str(tmp_path / "ext.zarr"), "--channel", "AC-15", "--tile", "64", "--scheduler", address],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert "Dask dashboard:" in run.stderr
+    local = predict(mdir, img, tmp_path / "local.zarr", channels=["AC-15"], tile=64)  # the Python API
+    np.testing.assert_array_equal(oz.open_image(tmp_path / "ext.zarr").values, oz.open_image(local).values)
