@@ -11,9 +11,10 @@ Every supported dtype (bool, u/int 8-64, float 16-64) is mapped to an unsigned *
 order is the value order (flip the sign bit of signed ints; for floats flip the sign bit of positives and all
 bits of negatives). Percentiles are then order statistics of keys, found by radix refinement:
 
-* pass 1 counts the top ``min(16, W)`` bits of every key: one ``np.bincount`` per chunk and channel, summed by
-  a dask tree reduction. For 8- and 16-bit data (uint8/uint16/int16, float16) this histogram holds every
-  distinct value, so pass 1 is exact: ``method="histogram-exact"``.
+* pass 1 counts the top ``min(16, W)`` bits of every key: one ``np.bincount`` per chunk and channel (fused
+  with reading the chunk), trimmed to its non-empty range and summed by a dask tree reduction (fan-in 8), all
+  channels and images in the same graph. For 8- and 16-bit data (uint8/uint16/int16, float16) this histogram
+  holds every distinct value, so pass 1 is exact: ``method="histogram-exact"``.
 * For wider dtypes the bin holding each needed rank is known after pass 1; pass 2 either gathers the values of
   that bin and sorts them (when it holds at most ``_GATHER_LIMIT`` values) or counts the next 16 bits of its
   keys. float32/int32 are therefore always exact after two passes (``method="two-pass"``); 64-bit data whose
@@ -24,8 +25,9 @@ bits of negatives). Percentiles are then order statistics of keys, found by radi
 The final value uses numpy's ``'linear'`` formula operation for operation (virtual index ``(n - 1) * q / 100``,
 ``a + (b - a) * g``, or ``b - (b - a) * (1 - g)`` when ``g >= 0.5``), so the result ``==``
 ``np.percentile(channel, q)``. One exception, where numpy is wrong: numpy subtracts neighbouring order
-statistics in the input dtype, which wraps around for signed ints whose neighbours are more than half the
-dtype's range apart; we subtract exactly.
+statistics in the input dtype, which wraps around for signed ints whose neighbours are more than the dtype's
+maximum apart (``np.percentile(np.int16([-30000, 30000]), 50)`` is 32768); we subtract exactly, i.e. we equal
+``np.percentile(channel.astype(np.int64), q)`` there.
 
 Non-finite float values (NaN, +-Inf) are detected for free from the pass-1 histogram: their keys fill the bins
 of the all-ones exponent, which hold nothing else.
@@ -40,9 +42,10 @@ import json
 import math
 import os
 import re
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import dask
 import dask.array as da
@@ -58,8 +61,8 @@ __all__ = [
     "normalize",
     "parse_percentiles",
     "percentiles",
-    "save_stats",
     "stats_for",
+    "write_stats",
 ]
 
 STATS_VERSION = 1
@@ -67,10 +70,10 @@ SCOPES = ("image", "dataset")
 METHOD_EXACT = "histogram-exact"
 METHOD_TWO_PASS = "two-pass"
 
-_DIGIT = 16  # bits resolved per histogram pass: 65536 bins = 512 KiB of int64 per channel and block
+_DIGIT = 16  # bits resolved per histogram pass: at most 65536 bins (512 KiB of int64)
 _GATHER_LIMIT = 1 << 22  # a bin with at most this many values is gathered and sorted instead of refined
-_SLICE = 1 << 18  # np.bincount casts its input to intp; slicing keeps that temporary small (and cache-resident)
-_BATCH_BYTES = 1 << 28  # histogram bytes brought back to the client per compute (plates with many fields)
+_SLICE = 1 << 20  # values counted per np.bincount call (an 8 MiB intp buffer per thread)
+_BATCH_BYTES = 1 << 28  # worst-case result bytes per compute on the client (plates with many fields)
 _UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 
@@ -184,47 +187,139 @@ def _finite_key_bins(dtype: np.dtype, m: int) -> tuple[int, int]:
 
 # ----------------------------------------------------------------------------------------- per-block kernels
 
+_local = threading.local()
 
-def _bincount(values: np.ndarray, nbins: int) -> np.ndarray:
-    if values.dtype.itemsize == 8:  # uint64 does not cast safely to intp; values are < 2**16 here
-        values = values.astype(np.uint32)
-    if values.size <= _SLICE:
-        return np.bincount(values, minlength=nbins)
-    counts = np.bincount(values[:_SLICE], minlength=nbins)
-    for start in range(_SLICE, values.size, _SLICE):
-        counts += np.bincount(values[start:start + _SLICE], minlength=nbins)
+
+def _intp_buffer(n: int) -> np.ndarray:
+    """A per-thread intp scratch buffer of at least ``n`` elements, reused across tasks.
+
+    ``np.bincount`` casts its input to intp. Letting it allocate that copy for every chunk is slow where
+    allocations this large are fresh ``mmap``s (distributed workers set ``MALLOC_TRIM_THRESHOLD_``, which makes
+    glibc map and unmap them every time: the page faults cost more than the counting).
+    """
+    buf = getattr(_local, "buf", None)
+    if buf is None or buf.size < n:
+        buf = _local.buf = np.empty(n, dtype=np.intp)
+    return buf[:n]
+
+
+def _bincount(values: np.ndarray) -> np.ndarray:
+    """``np.bincount`` of a 1-D array of small non-negative integers (length ``max + 1``, no ``minlength``)."""
+    counts = np.zeros(0, dtype=np.int64)
+    for start in range(0, values.size, _SLICE):
+        part = values[start:start + _SLICE]
+        buf = _intp_buffer(part.size)
+        buf[...] = part  # every value is < 2**16, so the cast is exact
+        c = np.bincount(buf)
+        if c.size > counts.size:
+            c[: counts.size] += counts
+            counts = c
+        else:
+            counts[: c.size] += c
     return counts
 
 
-def _hist_block(block: np.ndarray, requests: tuple, bits: int, nbins: int, n_rows: int,
-                block_info: dict | None = None) -> np.ndarray:
-    """Histograms of one block: for each channel row and each requested prefix, counts of the next key digit.
+def _trim(counts: np.ndarray) -> tuple[int, np.ndarray] | None:
+    """A histogram as ``(first non-empty bin, counts from there)``: image data uses few of the 65536 bins, so
+    the per-chunk results that travel through the reduction tree are small."""
+    nz = np.flatnonzero(counts)
+    if nz.size == 0:
+        return None
+    return int(nz[0]), counts[nz[0]: nz[-1] + 1].copy()
 
-    ``requests[c]`` lists ``(known_bits, prefix)`` pairs for channel ``c``; the counted keys are those whose top
-    ``known_bits`` equal ``prefix``, binned by their next ``min(16, bits - known_bits)`` bits.
+
+def _block_stats(block: np.ndarray, hist: tuple, gather: tuple, bits: int,
+                 block_info: dict | None = None) -> np.ndarray:
+    """Everything one pass needs from one block, as one object cell (shape ``(1,) * ndim``).
+
+    ``hist[c]`` and ``gather[c]`` list ``(known_bits, prefix)`` requests for channel ``c`` (axis 0). For a
+    hist request the keys whose top ``known_bits`` equal ``prefix`` are counted by their next
+    ``min(16, bits - known_bits)`` bits; for a gather request those values themselves are returned. The cell
+    holds ``{(channel, kind, known_bits, prefix): payload}``: a trimmed histogram or a list of value arrays.
     """
     c0 = block_info[0]["array-location"][0][0] if block_info else 0
-    out = np.zeros((block.shape[0],) + (1,) * (block.ndim - 1) + (n_rows, nbins), dtype=np.int64)
+    result: dict[tuple, Any] = {}
     for i in range(block.shape[0]):
-        reqs = requests[c0 + i]
-        if not reqs:
+        c = c0 + i
+        if not hist[c] and not gather[c]:
             continue
-        keys = _to_key(block[i]).ravel()
-        for row, (known, prefix) in enumerate(reqs):
+        values = block[i].ravel()
+        keys = _to_key(values)
+        for known, prefix in hist[c]:
             m = min(_DIGIT, bits - known)
             shift = bits - known - m
             if known == 0:
                 sub = keys >> shift if shift else keys
             else:
-                sel = keys[(keys >> (bits - known)) == prefix]
-                sub = (sel >> shift) & ((1 << m) - 1)
-            out[(i,) + (0,) * (block.ndim - 1) + (row, slice(0, 1 << m))] = _bincount(sub, 1 << m)
+                sub = (keys[(keys >> (bits - known)) == prefix] >> shift) & ((1 << m) - 1)
+            trimmed = _trim(_bincount(sub))
+            if trimmed is not None:
+                result[(c, "hist", known, prefix)] = trimmed
+        for known, prefix in gather[c]:
+            hit = values[(keys >> (bits - known)) == prefix]
+            if hit.size:
+                result[(c, "gather", known, prefix)] = [hit]
+    cell = np.empty((1,) * block.ndim, dtype=object)
+    cell[(0,) * block.ndim] = result
+    return cell
+
+
+def _merge(parts: Sequence[dict]) -> dict:
+    """Combine per-block results: histograms add up, gathered values are collected."""
+    hists: dict[tuple, list] = {}
+    out: dict[tuple, Any] = {}
+    for part in parts:
+        for key, payload in part.items():
+            if key[1] == "hist":
+                hists.setdefault(key, []).append(payload)
+            else:
+                out[key] = out.get(key, []) + payload
+    for key, items in hists.items():
+        if len(items) == 1:
+            out[key] = items[0]
+            continue
+        lo = min(o for o, _ in items)
+        hi = max(o + c.size for o, c in items)
+        acc = np.zeros(hi - lo, dtype=np.int64)
+        for o, c in items:
+            acc[o - lo: o - lo + c.size] += c
+        out[key] = (lo, acc)
     return out
 
 
-def _prefix_mask(block: np.ndarray, known: int, prefix: int, bits: int) -> np.ndarray:
-    keys = _to_key(block)
-    return (keys >> (bits - known)) == prefix
+def _cells(parts: Any) -> Iterator[np.ndarray]:
+    if isinstance(parts, (list, tuple)):
+        for part in parts:
+            yield from _cells(part)
+    else:
+        yield parts
+
+
+def _reduce_leaf(cell: np.ndarray, axis: Any = None, keepdims: bool = True) -> np.ndarray:
+    return cell
+
+
+def _reduce_merge(parts: Any, axis: Any = None, keepdims: bool = True) -> np.ndarray:
+    """combine/aggregate step of :func:`_reduce_blocks`: ``parts`` are nested lists of object cells."""
+    cells = list(_cells(parts))
+    shape = cells[0].shape if keepdims else ()
+    out = np.empty(shape, dtype=object)
+    out[(0,) * len(shape)] = _merge([c.flat[0] for c in cells])
+    return out
+
+
+_REDUCTION_NAME = "l2l-stats-blocks"
+
+
+def _reduce_blocks(cells: da.Array, split_every: int = 8) -> da.Array:
+    """A dask tree reduction (fan-in ``split_every``) of the per-block object cells to one 0-d cell.
+
+    ``da.reduction`` rather than hand-built Delayed trees: the graph is built in microseconds and reading a
+    chunk, counting it and the reduction's first step fuse into one task, as for ``arr.sum()``.
+    """
+    return da.reduction(cells, _reduce_leaf, _reduce_merge, combine=_reduce_merge, axis=tuple(range(cells.ndim)),
+                        keepdims=False, dtype=object, concatenate=False, split_every=split_every,
+                        meta=np.empty((), dtype=object), name=_REDUCTION_NAME)
 
 
 # ------------------------------------------------------------------------------------------------- the engine
@@ -264,17 +359,21 @@ class _Pool:
             out.add(p.pending)
         return out
 
-    def add(self, request: tuple, result: Any) -> None:
+    def add(self, request: tuple, payload: Any) -> None:
+        """Accumulate one member's result for ``request``: a trimmed histogram or a list of value arrays."""
         if request[0] == "hist":
-            self.acc[request] = result if request not in self.acc else self.acc[request] + result
+            if request not in self.acc:
+                self.acc[request] = np.zeros(1 << min(_DIGIT, self.bits - request[1]), dtype=np.int64)
+            offset, counts = payload
+            self.acc[request][offset: offset + counts.size] += counts
         else:
-            self.acc.setdefault(request, []).append(result)
+            self.acc.setdefault(request, []).extend(payload)
 
     def absorb(self, ranks_for_n) -> None:
         """Use this pass's accumulated results to resolve or narrow every probe."""
         acc, self.acc = self.acc, {}
         if self.n is None:
-            hist = acc[("hist", 0, 0)]
+            hist = acc.get(("hist", 0, 0), np.zeros(1, dtype=np.int64))
             self.n = int(hist.sum())
             if self.n == 0:
                 raise InputError(f"{self.label} has no pixels; check the image and the channel selection")
@@ -291,12 +390,12 @@ class _Pool:
             kind = p.pending[0]
             if kind == "gather":
                 if p.pending not in sorted_cache:
-                    sorted_cache[p.pending] = np.sort(np.concatenate(acc[p.pending]))
+                    sorted_cache[p.pending] = np.sort(np.concatenate(acc[p.pending]))  # holds p.count values
                 self.values[r] = sorted_cache[p.pending][p.rank]
                 done.append(r)
                 continue
-            hist = acc[p.pending]
             m = min(_DIGIT, self.bits - p.known)
+            hist = acc.get(p.pending, np.zeros(1 << m, dtype=np.int64))
             cum = np.cumsum(hist[: 1 << m])
             digit = int(np.searchsorted(cum, p.rank, side="right"))
             below = int(cum[digit - 1]) if digit else 0
@@ -321,21 +420,35 @@ class _Pool:
         return (lo + hi) / 2.0, (hi - lo) / 2.0
 
 
+def _rank_pairs(n: int, qs: np.ndarray) -> list[tuple[int, int, np.float64]]:
+    """(lower rank, upper rank, gamma) per percentile, with the float operations of numpy's 'linear' method.
+
+    See ``numpy.lib._function_base_impl._quantile``: virtual index ``(n - 1) * (q / 100)``, its floor and
+    fraction; at or beyond the last index both neighbours are the last value.
+    """
+    virtual = (n - 1) * np.true_divide(qs, 100)
+    prev = np.floor(virtual)
+    pairs = []
+    for v, p in zip(virtual, prev):
+        if v >= n - 1:
+            pairs.append((n - 1, n - 1, np.float64(0.0)))
+        else:
+            pairs.append((int(p), int(p) + 1, np.float64(v - p)))
+    return pairs
+
+
 def _needed_ranks(qs: np.ndarray):
     def ranks(n: int) -> list[int]:
-        virtual = (n - 1) * (qs / 100.0)
-        prev = np.floor(virtual).astype(np.int64)
-        out = {0, n - 1}
-        for v, p in zip(virtual, prev):
-            p = min(max(int(p), 0), n - 1)
-            out.update((p, min(p + 1, n - 1)))
+        out = {0, n - 1}  # min and max come for free
+        for a, b, _ in _rank_pairs(n, qs):
+            out.update((a, b))
         return sorted(out)
     return ranks
 
 
 def _lerp_like_numpy(a: Any, b: Any, t: np.float64) -> np.float64:
     """numpy's ``_lerp`` for one pair of order statistics; ``a``/``b`` are dtype scalars or float64 estimates."""
-    if isinstance(a, np.integer) or isinstance(a, np.bool_):
+    if isinstance(a, (np.integer, np.bool_)) and isinstance(b, (np.integer, np.bool_)):
         diff = np.float64(int(b) - int(a))  # exact even where numpy's in-dtype subtraction would wrap
     else:
         diff = np.float64(b - a)  # float dtypes subtract in their own precision, exactly as numpy does
@@ -346,29 +459,23 @@ def _lerp_like_numpy(a: Any, b: Any, t: np.float64) -> np.float64:
 
 def _finish(pool: _Pool, qs: np.ndarray) -> tuple[np.ndarray, Any, Any, float]:
     """(percentiles, min, max, error bound) of a pool whose passes are done."""
-    n = pool.n
-    # The same float operations as numpy's 'linear' method (see np.lib._function_base_impl._quantile).
-    virtual = (n - 1) * (qs / 100.0)
-    prev = np.floor(virtual)
     out = np.empty(qs.size, dtype=np.float64)
     bound = 0.0
-    for i, (v, p) in enumerate(zip(virtual, prev)):
-        lo_rank = min(max(int(p), 0), n - 1)
-        hi_rank = n - 1 if v >= n - 1 else lo_rank + 1
-        if v >= n - 1:
-            lo_rank = n - 1
+    for i, (lo_rank, hi_rank, gamma) in enumerate(_rank_pairs(pool.n, qs)):
         a, ea = pool.estimate(lo_rank)
         b, eb = pool.estimate(hi_rank)
-        out[i] = _lerp_like_numpy(a, b, np.float64(v - p))
+        out[i] = _lerp_like_numpy(a, b, gamma)
         bound = max(bound, ea, eb)
     mn, emn = pool.estimate(0)
-    mx, emx = pool.estimate(n - 1)
+    mx, emx = pool.estimate(pool.n - 1)
     return out, mn, mx, max(bound, emn, emx)
 
 
 def _run_pools(sources: list[da.Array], pools: list[_Pool], qs: np.ndarray, *, max_passes: int | None = None,
                progress: str | None = None) -> int:
     """Run the passes for all pools over all (channel-first) sources; returns the number of passes made."""
+    if max_passes is not None and (not isinstance(max_passes, (int, np.integer)) or max_passes < 1):
+        raise ConfigError(f"max_passes {max_passes!r} must be a positive integer (or None for exact results)")
     ranks_for_n = _needed_ranks(qs)
     member_pools: dict[tuple[int, int], list[_Pool]] = {}
     for pool in pools:
@@ -394,13 +501,14 @@ def _run_pools(sources: list[da.Array], pools: list[_Pool], qs: np.ndarray, *, m
 
 
 def _batches(sources: list[da.Array], per_member: dict) -> list[list[int]]:
-    """Groups of source indices whose histograms together stay below ``_BATCH_BYTES`` on the client."""
+    """Groups of source indices whose results together stay below ``_BATCH_BYTES`` on the client (at worst
+    one full histogram per request and channel)."""
+    rows: dict[int, int] = {}
+    for (s, _), reqs in per_member.items():
+        rows[s] = max(rows.get(s, 0), len(reqs))
     batches, current, size = [], [], 0
-    for s, src in enumerate(sources):
-        rows = max((sum(r[0] == "hist" for r in reqs) for (si, _), reqs in per_member.items() if si == s), default=0)
-        if not any(si == s for si, _ in per_member):
-            continue
-        nbytes = src.shape[0] * max(rows, 1) * (1 << min(_DIGIT, _key_bits(src.dtype))) * 8
+    for s in sorted(rows):
+        nbytes = sources[s].shape[0] * rows[s] * (1 << min(_DIGIT, _key_bits(sources[s].dtype))) * 8
         if current and size + nbytes > _BATCH_BYTES:
             batches.append(current)
             current, size = [], 0
@@ -412,50 +520,64 @@ def _batches(sources: list[da.Array], per_member: dict) -> list[list[int]]:
 
 
 def _compute_batch(sources, batch, per_member, member_pools, wanted, progress, pass_no) -> None:
-    collections: list[Any] = []
-    slots: list[tuple[str, int, Any]] = []  # ("hist", source, rows per channel) or ("gather", source, (c, req))
+    """One pass over the sources in ``batch``: one fused read+count task per block, one reduction tree each."""
+    trees, slots, n_blocks = [], [], 0
     for s in batch:
         x = sources[s]
-        bits = _key_bits(x.dtype)
-        rows = tuple(tuple(sorted((r[1], r[2]) for r in per_member.get((s, c), ()) if r[0] == "hist"))
+        hist = tuple(tuple(sorted((r[1], r[2]) for r in per_member.get((s, c), ()) if r[0] == "hist"))
                      for c in range(x.shape[0]))
-        n_rows = max(len(r) for r in rows)
-        if n_rows:
-            nbins = 1 << min(_DIGIT, bits)
-            chunks = (x.chunks[0],) + tuple((1,) * len(c) for c in x.chunks[1:]) + ((n_rows,), (nbins,))
-            hist = x.map_blocks(_hist_block, requests=rows, bits=bits, nbins=nbins, n_rows=n_rows,
-                                chunks=chunks, new_axis=[x.ndim, x.ndim + 1], dtype=np.int64,
-                                meta=np.empty((0,) * (x.ndim + 2), dtype=np.int64))
-            # A tree reduction (split_every) over the blocks: per-task memory stays at a few histograms.
-            collections.append(hist.sum(axis=tuple(range(1, x.ndim)), split_every=8))
-            slots.append(("hist", s, rows))
-        for c in range(x.shape[0]):
-            for req in sorted(r for r in per_member.get((s, c), ()) if r[0] == "gather"):
-                xc = x[c]
-                mask = xc.map_blocks(_prefix_mask, known=req[1], prefix=req[2], bits=bits, dtype=bool)
-                collections.append(xc[mask])
-                slots.append(("gather", s, (c, req)))
-    if not collections:
+        gather = tuple(tuple(sorted((r[1], r[2]) for r in per_member.get((s, c), ()) if r[0] == "gather"))
+                       for c in range(x.shape[0]))
+        if not any(hist) and not any(gather):
+            continue
+        cells = x.map_blocks(_block_stats, hist=hist, gather=gather, bits=_key_bits(x.dtype),
+                             chunks=tuple((1,) * len(c) for c in x.chunks), dtype=object,
+                             meta=np.empty((0,) * x.ndim, dtype=object))
+        n_blocks += math.prod(cells.numblocks)
+        trees.append(_reduce_blocks(cells))
+        slots.append(s)
+    if not trees:
         return
-    if progress:
-        from l2l_scale.cluster import compute_with_progress
-
-        results = compute_with_progress(collections, f"{progress} (pass {pass_no})")
-    else:
-        results = dask.compute(*collections)
-    for (kind, s, info), res in zip(slots, results):
-        if kind == "hist":
-            for c, rows in enumerate(info):
-                for j, (known, prefix) in enumerate(rows):
-                    req = ("hist", known, prefix)
-                    for pool in member_pools.get((s, c), ()):
-                        if req in wanted.get(id(pool), ()):
-                            pool.add(req, res[c, j])
-        else:
-            c, req = info
+    results = (_compute_with_block_progress(trees, n_blocks, f"{progress} (pass {pass_no})") if progress
+               else dask.compute(*trees))
+    for s, cell in zip(slots, results):
+        merged = np.asarray(cell, dtype=object).flat[0]
+        for (c, kind, known, prefix), payload in merged.items():
+            req = (kind, known, prefix)
             for pool in member_pools.get((s, c), ()):
                 if req in wanted.get(id(pool), ()):
-                    pool.add(req, np.asarray(res))
+                    pool.add(req, payload)
+
+
+def _compute_with_block_progress(trees: list, n_blocks: int, label: str) -> tuple:
+    """Compute the reduction trees with a progress bar that counts image blocks, not trees.
+
+    With a distributed client the shared helper shows per-tree progress (the dashboard shows the blocks).
+    """
+    from l2l_scale.cluster import compute_with_progress, current_client
+
+    if current_client() is not None:
+        return tuple(compute_with_progress(trees, label))
+    from dask.callbacks import Callback
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, transient=False, redirect_stdout=False) as bar:
+        job = bar.add_task(label, total=n_blocks)
+
+        class _Blocks(Callback):
+            def _posttask(self, key, result, dsk, state, worker_id):
+                # Per-block tasks are the reduction's first step: "l2l-stats-blocks-<token>" (the later steps
+                # are "-partial-" and "-aggregate-"). Cosmetic only: the bar is completed at the end anyway.
+                name = key[0] if isinstance(key, tuple) else str(key)
+                rest = name[len(_REDUCTION_NAME):] if name.startswith(_REDUCTION_NAME) else "-partial"
+                if not rest.startswith(("-partial", "-aggregate")):
+                    bar.advance(job)
+
+        with _Blocks():
+            results = dask.compute(*trees)
+        bar.update(job, completed=n_blocks)
+        return results
 
 
 # ---------------------------------------------------------------------------------------------- array input
@@ -466,7 +588,7 @@ def _channel_first(data: Any, channel_axis: int | str | None) -> tuple[da.Array,
     if isinstance(data, xr.DataArray):
         arr = data.data if isinstance(data.data, da.Array) else da.from_array(np.asarray(data.data))
         if channel_axis is None:
-            return arr.reshape((1,) + arr.shape) if arr.ndim else arr[None], ["0"], True
+            return arr[None], ["0"], True
         if isinstance(channel_axis, str):
             if channel_axis not in data.dims:
                 if channel_axis != "c":
@@ -675,10 +797,20 @@ def _py(value: Any) -> int | float:
     return float(value)
 
 
-def save_stats(stats: dict, path: str | Path) -> Path:
-    """Write a stats dict as JSON, atomically (a crash never leaves half a file)."""
-    path = Path(path)
-    _validate(stats, path)
+def write_stats(stats: dict, path: str | Path, *, overwrite: bool = False) -> Path:
+    """Write a stats dict as JSON, atomically (a crash never leaves half a file).
+
+    Raises
+    ------
+    OutputError
+        ``path`` exists and ``overwrite`` is false, or its folder is missing or not writable.
+    InputError
+        ``stats`` is not a valid stats dict.
+    """
+    from l2l_scale.io.ome_zarr import check_output
+
+    path = check_output(path, overwrite=overwrite)
+    _validate(stats, "")
     tmp = path.with_name(path.name + ".partial")
     tmp.write_text(json.dumps(stats, indent=2) + "\n")
     os.replace(tmp, path)
@@ -722,7 +854,7 @@ def _validate(stats: Any, path: str | Path) -> dict:
 
 
 def load_stats(path: str | Path) -> dict:
-    """Read and validate a stats JSON written by :func:`save_stats` / ``l2l-scale stats``.
+    """Read and validate a stats JSON written by :func:`write_stats` / ``l2l-scale stats --json``.
 
     Raises
     ------
@@ -807,31 +939,33 @@ def normalize(data: Any, lo: Any, hi: Any, *, clip: bool = False, eps: float = 1
         raise ConfigError(f"lo {lo!r} and hi {hi!r} must be two scalars or two lists of equal length")
     names: list[str] | None = None
     axis = None
+    if isinstance(data, xr.DataArray) and isinstance(channel_axis, str) and channel_axis in data.coords:
+        names = [str(v) for v in np.ravel(data.coords[channel_axis].values)]
+    if lo_a.ndim == 1 and lo_a.size == 1 and not (names and len(names) > 1):
+        lo_a, hi_a = lo_a[0], hi_a[0]  # one value for a one-channel image is a scalar
     if lo_a.ndim == 1:
         if isinstance(data, xr.DataArray) and isinstance(channel_axis, str) and channel_axis in data.dims:
             axis = data.dims.index(channel_axis)
-            if channel_axis in data.coords:
-                names = [str(v) for v in data.coords[channel_axis].values]
         elif isinstance(channel_axis, (int, np.integer)):
             axis = _int_axis(channel_axis, np.ndim(data))
-        elif lo_a.size != 1:
+        else:
             raise ConfigError(f"{lo_a.size} per-channel values given but the image has no channel axis "
                               f"{channel_axis!r}; pass scalars or the channel axis")
-        if axis is not None and lo_a.size != np.shape(data)[axis]:
+        if lo_a.size != np.shape(data)[axis]:
             raise ConfigError(f"{lo_a.size} per-channel values for {np.shape(data)[axis]} channels; "
                               "give one lo/hi per channel")
-    elif isinstance(data, xr.DataArray) and isinstance(channel_axis, str) and channel_axis in data.coords \
-            and data.coords[channel_axis].size == 1:
-        names = [str(v) for v in np.ravel(data.coords[channel_axis].values)]
-    bad = np.flatnonzero(np.ravel(~(hi_a > lo_a)))
+    bad = np.flatnonzero(~(np.ravel(hi_a) > np.ravel(lo_a)))  # also catches NaN
     if bad.size:
         i = int(bad[0])
-        name = names[i] if names and i < len(names) else str(i) if lo_a.ndim else (names[0] if names else "0")
+        if lo_a.ndim:
+            what = f"channel {names[i] if names and len(names) == lo_a.size else i}"
+        else:
+            what = f"channel {names[0]}" if names and len(names) == 1 else "the channel"
         l, h = float(np.ravel(lo_a)[i]), float(np.ravel(hi_a)[i])
         if l == h:
-            raise InputError(f"channel {name} is constant (percentiles lo == hi == {l:g}); check the channel "
+            raise InputError(f"{what} is constant (percentiles lo == hi == {l:g}); check the channel "
                              "selection or the percentiles")
-        raise InputError(f"channel {name} has lo {l:g} above hi {h:g}; check the channel selection or the "
+        raise InputError(f"{what} has lo {l:g} not below hi {h:g}; check the channel selection or the "
                          "percentiles (low first)")
     if axis is not None:
         shape = [1] * np.ndim(data)
