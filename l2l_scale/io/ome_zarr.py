@@ -31,6 +31,7 @@ import zarr
 from zarr.codecs import BloscCodec, BloscShuffle
 
 from l2l_scale.errors import ChannelError, ConfigError, InputError, OutputError
+from l2l_scale.io import lock
 
 SUPPORTED_VERSIONS = ("0.4", "0.5")
 WRITE_VERSION = "0.5"
@@ -47,6 +48,15 @@ _COLORS = ("FF00FF", "00FF00", "00FFFF", "FFFF00", "FF0000", "0000FF", "FFFFFF")
 # --------------------------------------------------------------------------------------------- provenance
 
 
+_COMMAND_LINE: str | None = None
+
+
+def set_command_line(argv: Sequence[str]) -> None:
+    """Record the ``l2l-scale`` command line for provenance (called once by the CLI)."""
+    global _COMMAND_LINE
+    _COMMAND_LINE = shlex.join(["l2l-scale", *argv])
+
+
 def provenance(parameters: Mapping[str, Any] | None = None, inputs: Any = None, **extra: Any) -> dict:
     """Build the ``l2l_scale`` provenance block stored in every output's attributes.
 
@@ -61,10 +71,9 @@ def provenance(parameters: Mapping[str, Any] | None = None, inputs: Any = None, 
     """
     from l2l_scale import __version__
 
-    argv = ["l2l-scale", *sys.argv[1:]] if Path(sys.argv[0]).name.startswith("l2l-scale") else list(sys.argv)
     block = {
         "version": __version__,
-        "command": shlex.join(argv),
+        "command": _COMMAND_LINE or shlex.join(["python", *sys.argv]),
         "parameters": _jsonable(dict(parameters or {})),
         "input": _jsonable(inputs),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -116,7 +125,8 @@ class MultiscaleMeta:
         return tuple(a["name"] for a in self.axes)
 
 
-def _require_exists(path: Path) -> Path:
+def require_exists(path: str | Path) -> Path:
+    """Return ``path`` as a Path, or raise InputError if it does not exist."""
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: path does not exist; check the spelling or create it first")
@@ -124,7 +134,7 @@ def _require_exists(path: Path) -> Path:
 
 
 def _open_group(path: Path) -> zarr.Group:
-    path = _require_exists(Path(path))
+    path = require_exists(Path(path))
     try:
         # mode="r" opens the store read-only: the input is never opened for writing.
         return zarr.open_group(store=str(path), mode="r")
@@ -280,7 +290,7 @@ def list_fields(path: str | Path) -> list[str]:
 
 def _kind(path: Path) -> str:
     """'image', 'plate', 'well' or 'folder' for an existing path."""
-    path = _require_exists(path)
+    path = require_exists(path)
     if path.is_dir() and not ((path / "zarr.json").exists() or (path / ".zattrs").exists() or (path / ".zgroup").exists()):
         return "folder"
     _, ome = _ome_attrs(_open_group(path), path)
@@ -659,6 +669,7 @@ def check_output(path: str | Path, *, overwrite: bool = False, inputs: Sequence[
         ir = Path(inp).resolve()
         if resolved == ir or ir in resolved.parents or resolved in ir.parents:
             raise OutputError(f"{path}: output overlaps the input {inp}; choose an output path outside the input")
+    lock.check_unlocked(path)  # before "exists": a run in progress explains a partial output better
     if path.exists() and not overwrite:
         raise OutputError(f"{path}: output exists; pass --overwrite to replace it or choose another path")
     parent = resolved.parent
@@ -676,34 +687,40 @@ def atomic_output(path: str | Path, *, overwrite: bool = False, resume: bool = F
 
     On failure the temporary directory is removed, unless ``resume`` is set: then it is kept so that a rerun
     with ``--resume`` finishes only the missing blocks. An existing ``path`` is replaced only after the new
-    output is complete.
+    output is complete. The whole block holds ``<path>.lock`` (:mod:`l2l_scale.io.lock`): a second run writing
+    the same output is refused with a message naming the first, and a crashed run's lock is detected as stale.
     """
     path = check_output(path, overwrite=overwrite, inputs=inputs)
-    tmp = partial_path(path)
-    if tmp.exists() and not resume:
-        if not overwrite:
-            raise OutputError(f"{tmp} holds an interrupted run; pass --resume to finish it or --overwrite to "
-                              "start again")
-        shutil.rmtree(tmp)
-    try:
-        tmp.mkdir(exist_ok=resume)
-    except OSError as exc:
-        raise OutputError(f"{tmp}: cannot create output ({exc.strerror}); check free space and permissions") from None
-    try:
-        yield tmp
-        shutil.rmtree(tmp / PROGRESS_DIR, ignore_errors=True)
-        old = path.with_name(path.name + ".replaced")
-        if path.exists():
+    # Held from before the partial directory is touched until after the final rename, so a second run can
+    # neither delete (--overwrite) nor resume a partial output that a live run is still writing.
+    with lock.OutputLock(path):
+        tmp = partial_path(path)
+        if tmp.exists() and not resume:
+            if not overwrite:
+                raise OutputError(f"{tmp} holds an interrupted run; pass --resume to finish it or --overwrite to "
+                                  "start again")
+            shutil.rmtree(tmp)
+        try:
+            tmp.mkdir(exist_ok=resume)
+        except OSError as exc:
+            raise OutputError(f"{tmp}: cannot create output ({exc.strerror}); check free space and "
+                              "permissions") from None
+        try:
+            yield tmp
+            shutil.rmtree(tmp / PROGRESS_DIR, ignore_errors=True)
+            old = path.with_name(path.name + ".replaced")
+            if path.exists():
+                shutil.rmtree(old, ignore_errors=True)
+                path.rename(old)
+            tmp.rename(path)
             shutil.rmtree(old, ignore_errors=True)
-            path.rename(old)
-        tmp.rename(path)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException as exc:
-        if not resume:
-            shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError):
-            raise OutputError(f"{path}: writing failed ({exc.strerror or exc}); check free space and permissions") from exc
-        raise
+        except BaseException as exc:
+            if not resume:
+                shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError):
+                raise OutputError(f"{path}: writing failed ({exc.strerror or exc}); check free space and "
+                                  "permissions") from exc
+            raise
 
 
 def _image_group_write(root: Path, data: Any, *, dims, pixel_size, channel_names, chunks, name, attrs_extra,
@@ -843,7 +860,7 @@ def write_plate(fields: Mapping[tuple[str, str | int] | str, Any], path: str | P
 
 def read_json(path: str | Path) -> dict:
     """Read a JSON file with a clear error."""
-    path = _require_exists(Path(path))
+    path = require_exists(Path(path))
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as exc:
