@@ -101,6 +101,7 @@ def run_demo(out: str | Path = "l2l-demo", *, size: int | None = None, epochs: i
         budget = dict(preset="actin", epochs=epochs, steps_per_epoch=DEMO_STEPS, batch_size=DEMO_BATCH, loss="l1",
                       strategy="none", **DEMO_NET)
         models = out / "models"
+        models.mkdir()
         m_l2l = train(p_l2l, models / "l2l", **budget)
         m_n2n = train(p_n2n, models / "n2n", **budget)
 

@@ -132,8 +132,8 @@ def _predict_block(task: dict) -> int:
     y_idx = _reflect_index(np.arange(ty[0][2], ty[-1][3]) - ay, H)
     x_idx = _reflect_index(np.arange(tx[0][2], tx[-1][3]) - ax, W)
     ylo, yhi, xlo, xhi = int(y_idx.min()), int(y_idx.max()) + 1, int(x_idx.min()), int(x_idx.max()) + 1
-    raw = np.stack([np.asarray(src[_index(task["src_dims"], task["plane"], c, slice(ylo, yhi), slice(xlo, xhi))])
-                    for c in task["channels"]], axis=-1)
+    raw = np.stack([oz.read_region(src, _index(task["src_dims"], task["plane"], c, slice(ylo, yhi), slice(xlo, xhi)),
+                                   task["input"]) for c in task["channels"]], axis=-1)
     raw = raw[y_idx - ylo][:, x_idx - xlo]
     if raw.dtype.kind == "f" and not np.isfinite(raw).all():
         raise InputError(f"{task['input']}: image contains NaN or Inf; replace them (e.g. with 0) before predicting")
@@ -332,8 +332,6 @@ def predict(model: str | Path, input: str | Path, output: str | Path, *, channel
             if changed:
                 raise OutputError(f"{output}: the unfinished run used different {', '.join(changed)}; rerun "
                                   "with the same options, or with --overwrite to start again")
-        progress.mkdir(parents=True, exist_ok=True)
-        run_file.write_text(json.dumps(run, indent=2))
         if kind == "plate":
             layout: dict[tuple[str, str], list[str]] = {}
             for ref in refs:
@@ -370,6 +368,9 @@ def predict(model: str | Path, input: str | Path, output: str | Path, *, channel
                                             plan, spec, uint16, progress / "blocks" / (ref.key or "image"))
             tasks += tasks_img
             total += n_img
+        # Recorded after the groups exist: creating the root image group clears the folder it lives in.
+        progress.mkdir(parents=True, exist_ok=True)
+        run_file.write_text(json.dumps(run, indent=2))
         if tasks:
             from dask import delayed
 

@@ -194,6 +194,41 @@ def _read_multiscale(path: Path) -> tuple[zarr.Group, MultiscaleMeta]:
                                  {k: v for k, v in ome.items() if k not in ("multiscales", "omero", "version")})
 
 
+class _CheckedArray:
+    """A zarr array whose failed chunk reads become one clear :class:`InputError`.
+
+    zarr/numcodecs raise many types for a corrupt or truncated chunk (blosc, zstd, ValueError, OSError). Wrapping
+    the read keeps the message short and names the image and region; the array pickles like zarr's own.
+    """
+
+    def __init__(self, array: zarr.Array, path: Path):
+        self.array, self.path = array, path
+        self.shape, self.dtype, self.ndim = array.shape, array.dtype, array.ndim
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        try:
+            return self.array[key]
+        except Exception as exc:
+            region = ", ".join(f"{k.start}:{k.stop}" if isinstance(k, slice) else str(k)
+                               for k in (key if isinstance(key, tuple) else (key,)))
+            raise InputError(f"{self.path}: cannot read region [{region}] ({type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0][:120] if str(exc) else 'corrupt data'}); the OME-Zarr "
+                             "is damaged, copy or convert it again") from None
+
+
+def checked_dask(array: zarr.Array, path: Path) -> da.Array:
+    """A dask array over ``array`` (chunked like it) whose read errors name the image and the fix."""
+    from dask.base import tokenize
+
+    name = "read-" + tokenize(str(path), array.path, array.shape, str(array.dtype))
+    return da.from_array(_CheckedArray(array, path), chunks=array.chunks, name=name, asarray=False, lock=False)
+
+
+def read_region(array: zarr.Array, key: Any, path: Path) -> np.ndarray:
+    """Read ``array[key]`` with the same clear error as :func:`checked_dask`."""
+    return _CheckedArray(array, path)[key]
+
+
 def _scale_translation(transforms: Sequence[dict], ndim: int) -> tuple[np.ndarray, np.ndarray]:
     scale, trans = np.ones(ndim), np.zeros(ndim)
     for t in transforms or []:
@@ -239,7 +274,9 @@ def open_image(path: str | Path, level: int = 0, *, field: str | None = None) ->
     dims = meta.dims
     if arr.ndim != len(dims):
         raise InputError(f"{path}: array has {arr.ndim} dims but the axes name {len(dims)}; the NGFF metadata is broken")
-    data = da.from_zarr(arr)
+    if 0 in arr.shape:
+        raise InputError(f"{path}: image is empty (shape {tuple(arr.shape)}); check the acquisition or conversion")
+    data = checked_dask(arr, path)
     scale, trans = _scale_translation(ds.get("coordinateTransformations", []), len(dims))
     ms_scale, ms_trans = _scale_translation(meta.extra.get("coordinateTransformations", []), len(dims))
     scale, trans = scale * ms_scale, trans * ms_scale + ms_trans
