@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
@@ -44,15 +45,27 @@ def _cluster_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--workers", type=int, help="LocalCluster worker processes (default: one per core)")
     g.add_argument("--threads-per-worker", type=int, help="threads per worker (default 1)")
     g.add_argument("--memory-limit", help="memory limit per worker, e.g. 4GB (default auto)")
-    g.add_argument("--scheduler", help="address of an existing Dask scheduler, e.g. tcp://10.0.0.5:8786, "
-                                       "or 'threads' for the in-process threaded scheduler")
+    g.add_argument("--scheduler", help="address of an existing Dask scheduler, e.g. tcp://10.0.0.5:8786, a "
+                                       "scheduler file (dask scheduler --scheduler-file), or 'threads' for the "
+                                       "in-process threaded scheduler")
+    g.add_argument("--cluster", metavar="FILE.yaml",
+                   help="cluster config: kind local, address (TLS), cuda, slurm/pbs/lsf or kubernetes; examples in "
+                        "deploy/ (default: $L2L_SCALE_CLUSTER if set)")
 
 
-def _cluster(args: argparse.Namespace, *, model_step: bool = False):
+def _cluster(args: argparse.Namespace, *, model_step: bool = False, inputs: Sequence[str] = (),
+             output: str | None = None):
+    """Check the paths first (so a typo fails in a second, not after a cluster start), then open the client."""
     from l2l_scale.cluster import config_from_options, dask_client
+    from l2l_scale.io.ome_zarr import check_output, require_exists
+
+    for path in inputs:
+        require_exists(path)
+    if output is not None:
+        check_output(output, overwrite=getattr(args, "overwrite", False), inputs=inputs)
 
     return dask_client(config_from_options(args.workers, args.threads_per_worker, args.memory_limit, args.scheduler,
-                                           model_step=model_step))
+                                           model_step=model_step, cluster_file=getattr(args, "cluster", None)))
 
 
 # ------------------------------------------------------------------------------------------- subcommands
@@ -62,7 +75,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     from l2l_scale.synthetic import write_simulation
 
     drift = _floats(args.drift, 2, "--drift") if args.drift else (0.0, 0.0)
-    with _cluster(args):
+    with _cluster(args, output=args.output):
         out = write_simulation(args.output, structure=args.structure, size=args.size, fields=args.fields,
                                seed=args.seed, n2n=args.n2n, drift=drift, chunks=args.chunks,
                                overwrite=args.overwrite)
@@ -80,12 +93,12 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from l2l_scale.io.convert import convert
+    from l2l_scale.io.convert import convert, expand_inputs
 
     pixel = _floats(args.pixel_size, None, "--pixel-size") if args.pixel_size else None
     if pixel is not None and len(pixel) == 1:
         pixel = pixel[0]
-    with _cluster(args):
+    with _cluster(args, inputs=[str(p) for p in expand_inputs(args.inputs)], output=args.output):
         outs = convert(args.inputs, args.output, plate=args.plate, axes=args.axes, pixel_size=pixel,
                        channel_names=_names(args.channel_names), chunks=args.chunks, overwrite=args.overwrite)
     for o in outs:
@@ -97,8 +110,8 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     from l2l_scale.preprocess.normalize import dataset_stats, parse_percentiles, write_stats
 
     q = parse_percentiles(args.percentiles)
-    with _cluster(args):
-        stats = dataset_stats(args.input, q=q, scope=args.scope, channels=_names(args.channels))
+    with _cluster(args, inputs=[args.input]):
+        stats = dataset_stats(args.input, q=q, scope=args.scope, channels=_names(args.channels), progress=True)
     text = json.dumps(stats, indent=2)
     if args.json:
         write_stats(stats, args.json, overwrite=args.overwrite)
@@ -108,14 +121,101 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_register(args: argparse.Namespace) -> int:
+    from l2l_scale.preprocess.drift import register
+
+    with _cluster(args, inputs=[args.input], output=args.output):
+        result = register(args.input, args.output, reference=args.reference, moving=_names(args.moving) or [],
+                          method=args.method, moving_image=args.moving_image, max_shift=args.max_shift,
+                          n_patches=args.patches, order=args.order, seed=args.seed, overwrite=args.overwrite,
+                          chunks=args.chunks)
+    for key, info in result.items():
+        for ch, (dy, dx) in info["shifts"].items():
+            print(f"{key + ': ' if key else ''}{ch} -> {info['reference']}: shift dy={dy:+.2f} dx={dx:+.2f} px "
+                  f"({info['method']})")
+    print(f"wrote {args.output}")
+    return 0
+
+
+def _cmd_contrast(args: argparse.Namespace) -> int:
+    from l2l_scale.preprocess.contrast import dataset_contrast, save_contrast
+
+    pct = _floats(args.percentiles, 2, "--percentiles")
+    if args.json:  # refuse an existing JSON before computing
+        from l2l_scale.io.ome_zarr import check_output
+
+        check_output(args.json, overwrite=args.overwrite, inputs=[args.input])
+    with _cluster(args, inputs=[args.input]):
+        result = dataset_contrast(args.input, _names(args.channels) or [], top_fraction=args.top_fraction,
+                                  sigma=args.sigma, percentiles=pct, clip=not args.no_clip)
+    width = max(len(c) for c in result["channels"]) + 2
+    print(f"{'channel':<{width}}{'Michelson':<18}{'RMS':<18}images")
+    for ch, e in result["channels"].items():
+        m, r = e["michelson"], e["rms"]
+        print(f"{ch:<{width}}{m['mean']:.3f} +- {m['sd']:.3f}    {r['mean']:.3f} +- {r['sd']:.3f}    {e['n']}")
+    rec = result["recommendation"]
+    print(f"recommendation: input {rec['input']} -> target {rec['target']} ({rec['reason']})")
+    if args.json:
+        save_contrast(result, args.json, overwrite=args.overwrite, inputs=[args.input])
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _cmd_baseline(args: argparse.Namespace) -> int:
+    from l2l_scale.preprocess.baselines import run_baseline
+
+    kernel = _floats(args.kernel_size, None, "--kernel-size") if args.kernel_size else None
+    if kernel is not None and len(kernel) == 1:
+        kernel = kernel[0]
+    with _cluster(args, inputs=[args.input], output=args.output):
+        out = run_baseline(args.method, args.input, args.output, channels=_names(args.channel) or [],
+                           preset=args.preset, overwrite=args.overwrite, chunks=args.chunks, sigma=args.sigma,
+                           radius=args.radius, size=args.size, grid=args.grid, kernel_size=kernel,
+                           clip_limit=args.clip_limit)
+    print(f"wrote {out}")
+    return 0
+
+
 def _cmd_predict(args: argparse.Namespace) -> int:
     from l2l_scale.predict import predict
 
-    with _cluster(args, model_step=True):
+    with _cluster(args, model_step=True, inputs=[args.model, args.input], output=args.output):
         out = predict(args.model, args.input, args.output, channels=_names(args.channel), tile=args.tile,
                       batch=args.batch, dtype=args.dtype, percentiles=args.percentiles, norm_stats=args.norm_stats,
                       norm_scope=args.norm_scope, weights=args.weights, resume=args.resume,
-                      overwrite=args.overwrite, chunks=args.chunks)
+                      overwrite=args.overwrite, chunks=args.chunks, halo=args.halo)
+    print(f"wrote {out}")
+    return 0
+
+
+def _cmd_patches(args: argparse.Namespace) -> int:
+    from l2l_scale.patches import create_patches
+
+    with _cluster(args, inputs=[args.dataset], output=args.output):
+        out = create_patches(
+            args.dataset, args.output, preset=args.preset, mode=args.mode,
+            input_channels=_names(args.input_channel), target_channels=_names(args.target_channel),
+            patch_size=args.patch_size, patches_per_image=args.patches_per_image, augment=args.augment,
+            zooms=_floats(args.zooms, None, "--zooms") if args.zooms else None, poisson=args.poisson_noise,
+            percentiles=_floats(args.percentiles, 2, "--percentiles") if args.percentiles else None,
+            norm_stats=args.norm_stats, split_by=args.split_by, validation_fraction=args.validation_fraction,
+            seed=args.seed, threshold=args.threshold, chunk_patches=args.chunk_patches, overwrite=args.overwrite,
+            resume=args.resume)
+    print(f"wrote {out}")
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from l2l_scale.train import train
+
+    out = train(args.patches, args.model_dir, args.config, preset=args.preset, resume=args.resume,
+                overwrite=args.overwrite, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
+                batch_size=args.batch_size, learning_rate=args.learning_rate, loss=args.loss,
+                ssim_weights=list(_floats(args.ssim_weights, None, "--ssim-weights")) if args.ssim_weights else None,
+                ssim_filter_size=args.ssim_filter_size, unet_n_depth=args.unet_depth,
+                unet_kern_size=args.unet_kern_size, unet_n_first=args.unet_n_first, unet_residual=args.residual,
+                early_stopping=args.early_stopping, strategy=args.strategy, seed=args.seed,
+                tensorboard=args.tensorboard)
     print(f"wrote {out}")
     return 0
 
@@ -125,7 +225,41 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     run_demo(out=args.out, size=args.size, epochs=args.epochs, overwrite=args.overwrite,
              cluster_args=dict(workers=args.workers, threads_per_worker=args.threads_per_worker,
-                               memory_limit=args.memory_limit, scheduler=args.scheduler))
+                               memory_limit=args.memory_limit, scheduler=args.scheduler,
+                               cluster_file=args.cluster))
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from l2l_scale.evaluate.evaluate import evaluate, format_table, parse_method
+
+    methods = dict(parse_method(m) for m in args.method)
+    if len(methods) != len(args.method):
+        raise ConfigError("two --method options have the same name; name each restoration, e.g. --method l2l=A.zarr")
+    models = {}
+    for m in args.model:
+        name, sep, path = m.partition("=")
+        models[name if sep else Path(m).name] = path if sep else m
+    with _cluster(args):
+        out = evaluate(args.target, methods, args.output, input=args.input, truth=args.truth,
+                       normalize=args.normalize, percentiles=_floats(args.percentiles, 2, "--percentiles"),
+                       patches=args.patches, patch_size=args.patch_size, seed=args.seed, threshold=args.threshold,
+                       data_range=args.data_range, smooth=args.smooth, rms_sigma=args.rms_sigma,
+                       contrast_top_fraction=args.contrast_top_fraction,
+                       contrast_percentiles=_floats(args.contrast_percentiles, 2, "--contrast-percentiles"),
+                       models=models or None, crossval=args.crossval, chunks=args.chunks, overwrite=args.overwrite)
+    rows = json.loads((Path(out) / "evaluation.json").read_text())["metrics"]
+    print(format_table(rows))
+    print(f"wrote {out} (report: l2l-scale report {out})")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from l2l_scale.evaluate.report import report
+
+    crop = tuple(int(v) for v in _floats(args.crop, 2, "--crop")) if args.crop else None
+    out = report(args.results, args.out, crop_size=args.crop_size, crop=crop, overwrite=args.overwrite)
+    print(f"wrote {out}")
     return 0
 
 
@@ -193,6 +327,56 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing JSON")
     _cluster_args(p)
 
+    p = add("register", _cmd_register, "correct stage drift: register channels onto a reference channel and crop "
+                                       "to the common region")
+    p.add_argument("input", help="OME-Zarr image, plate or folder")
+    p.add_argument("output", help="output .zarr (same layout; shifts stored in the attributes)")
+    p.add_argument("--reference", required=True, help="reference channel name (not moved)")
+    p.add_argument("--moving", required=True, help="channel(s) to register, comma-separated")
+    p.add_argument("--method", choices=("phase", "ssim"), default="phase",
+                   help="phase: sub-pixel cross-correlation (default); ssim: the paper's +-5 px SSIM search")
+    p.add_argument("--moving-image", metavar="OTHER.zarr",
+                   help="take the --moving channels from this second acquisition (same fields, shape, pixel size)")
+    p.add_argument("--max-shift", type=float, default=None,
+                   help="largest plausible shift in px (default: a quarter of the smaller image side)")
+    p.add_argument("--patches", type=int, default=100, help="foreground patch pairs per estimate (default 100)")
+    p.add_argument("--order", type=int, default=1, help="interpolation order of the shift, 0-5 (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="patch sampling seed (default 0)")
+    p.add_argument("--chunks", type=int, default=None, help="output chunk side (default: the input's)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    _cluster_args(p)
+
+    p = add("contrast", _cmd_contrast, "Michelson/RMS label contrast per channel and which label should be the "
+                                       "input and which the target")
+    p.add_argument("input", help="OME-Zarr image, plate or folder (averaged over images)")
+    p.add_argument("--channels", required=True, help="the labels to compare, comma-separated, e.g. AC-15,phalloidin")
+    p.add_argument("--top-fraction", type=float, default=0.1,
+                   help="brightest fraction taken as the sample (default 0.1; paper: 0.01 for STED caveolae)")
+    p.add_argument("--sigma", type=float, default=2.0, help="Gaussian sigma before normalising (default 2)")
+    p.add_argument("--percentiles", default="1,99", help="normalisation percentiles low,high (default 1,99)")
+    p.add_argument("--no-clip", action="store_true", help="do not clip the normalised image to [0, 1]")
+    p.add_argument("--json", metavar="OUT.json", help="also write the result as JSON")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing JSON")
+    _cluster_args(p)
+
+    p = add("baseline", _cmd_baseline, "classical restoration baselines of the paper (Table S1): gaussian, "
+                                       "rolling-ball, tophat, clahe")
+    p.add_argument("method", choices=("gaussian", "rolling-ball", "tophat", "clahe"))
+    p.add_argument("input", help="OME-Zarr image, plate or folder")
+    p.add_argument("output", help="output .zarr (float32, same layout)")
+    p.add_argument("--channel", required=True, help="channel(s) to filter, comma-separated")
+    p.add_argument("--preset", choices=("actin", "tubulin", "caveolae", "pxn"),
+                   help="the paper's parameters for this dataset (explicit flags override them)")
+    p.add_argument("--sigma", type=float, help="gaussian: sigma in px (paper 2/2/3/2)")
+    p.add_argument("--radius", type=float, help="rolling-ball: ball radius in px (paper 20/10/5/5)")
+    p.add_argument("--size", type=int, help="tophat: square footprint side in px (paper 11/25/13/17)")
+    p.add_argument("--grid", type=int, help="clahe: contextual regions per side, OpenCV's tileGridSize (paper 11/7/7/7)")
+    p.add_argument("--kernel-size", help="clahe: region size in px instead of --grid (one value, or Y,X)")
+    p.add_argument("--clip-limit", type=float, help="clahe: skimage clip limit (default 0.01)")
+    p.add_argument("--chunks", type=int, default=None, help="output chunk side (default: the input's)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    _cluster_args(p)
+
     p = add("predict", _cmd_predict, "restore an image, plate or folder with a CARE/L2L model (tiled, distributed)")
     p.add_argument("model", help="CSBDeep/l2l-scale model folder (config.json + weights_*.h5)")
     p.add_argument("input", help="OME-Zarr image, plate or folder")
@@ -207,18 +391,127 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--norm-stats", help="JSON from 'l2l-scale stats' to take the percentile values from")
     p.add_argument("--norm-scope", choices=("image", "dataset"), default="image",
                    help="normalise each image, or the whole plate/folder with one set of values")
+    p.add_argument("--halo", type=int, default=None,
+                   help="halo in pixels (default and minimum: the model's receptive field)")
     p.add_argument("--weights", help="weights file name in the model folder (default weights_best.h5)")
     p.add_argument("--chunks", type=int, default=None, help="output chunk side (default: the tile size)")
     p.add_argument("--resume", action="store_true", help="finish an interrupted run, computing only missing blocks")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     _cluster_args(p)
+
+    p = add("patches", _cmd_patches, "sample normalised (augmented) training patches from image pairs into a patch "
+                                     "store")
+    p.add_argument("dataset", help="OME-Zarr image, plate or folder; each image is one input/target pair")
+    p.add_argument("output", help="output patch store (.zarr)")
+    p.add_argument("--preset", help="paper preset: actin, tubulin, caveolae, pxn or separation (channels, "
+                                    "percentiles, zooms, Poisson noise)")
+    p.add_argument("--mode", choices=("l2l", "n2n", "separate"), default=None,
+                   help="l2l: input label -> target label; n2n: first -> second noise realisation; separate: "
+                        "superposed channel -> several targets (default l2l)")
+    p.add_argument("--input-channel", help="input channel name(s) or index(es), comma-separated")
+    p.add_argument("--target-channel", help="target channel name(s), comma-separated (n2n default: INPUT-repeat)")
+    p.add_argument("--patch-size", type=int, default=None, help="patch side in pixels (default 128)")
+    p.add_argument("--patches-per-image", type=int, default=None, help="patches per image (default 512)")
+    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
+                   help="half of the patches from zoomed and rotated images (on with a preset)")
+    p.add_argument("--zooms", help="zoom factors, comma-separated (default 0.5,0.75,1.25,1.5)")
+    p.add_argument("--poisson-noise", action=argparse.BooleanOptionalAction, default=None,
+                   help="add Poisson noise to the raw intensities (near-binary STED data; on for caveolae)")
+    p.add_argument("--percentiles", help="normalisation percentiles low,high (default 2,99.8 or the preset's)")
+    p.add_argument("--norm-stats", help="JSON from 'l2l-scale stats' with the percentile values to use")
+    p.add_argument("--split-by", choices=("pair", "patch"), default=None,
+                   help="validation split by image pair (default) or by patch (CSBDeep's 90/10)")
+    p.add_argument("--validation-fraction", type=float, default=None, help="validation fraction (default 0.1)")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="foreground threshold x the target's 99.9th percentile (default 0.4, CSBDeep)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (default 0)")
+    p.add_argument("--chunk-patches", type=int, default=None, help="patches per zarr chunk (default ~16 MB)")
+    p.add_argument("--resume", action="store_true", help="finish an interrupted run, computing only missing tasks")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    _cluster_args(p)
+
+    p = add("train", _cmd_train, "train a CARE U-Net on a patch store (tf.distribute) and export a CSBDeep model")
+    p.add_argument("patches", help="patch store from 'l2l-scale patches'")
+    p.add_argument("model_dir", help="output model folder (CSBDeep layout + checkpoints/ and logs/)")
+    p.add_argument("--config", help="YAML file with training settings (flags override it)")
+    p.add_argument("--preset", help="paper preset: actin, tubulin, caveolae, pxn or separation (learning rate, "
+                                    "batch size, steps per epoch, epochs)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs (default 100)")
+    p.add_argument("--steps-per-epoch", type=int, default=None, help="training steps per epoch (default 400)")
+    p.add_argument("--batch-size", type=int, default=None, help="global batch size (default 16)")
+    p.add_argument("--learning-rate", type=float, default=None, help="Adam learning rate (default 4e-4)")
+    p.add_argument("--loss", choices=("l1", "l2", "ssim", "ms-ssim3", "ms-ssim5", "ms-ssim"), default=None,
+                   help="training loss (default l1)")
+    p.add_argument("--ssim-weights", help="MS-SSIM weights, one per scale, comma-separated")
+    p.add_argument("--ssim-filter-size", type=int, default=None, help="(MS-)SSIM Gaussian filter size")
+    p.add_argument("--unet-depth", type=int, default=None, help="U-Net depth (default 2)")
+    p.add_argument("--unet-kern-size", type=int, default=None, help="convolution kernel size (default 5)")
+    p.add_argument("--unet-n-first", type=int, default=None, help="filters of the first level (default 32)")
+    p.add_argument("--residual", action=argparse.BooleanOptionalAction, default=None,
+                   help="residual U-Net (default: when input and output channel counts match)")
+    p.add_argument("--early-stopping", type=int, default=None, metavar="PATIENCE",
+                   help="stop after PATIENCE epochs without a validation-loss improvement")
+    p.add_argument("--strategy", choices=("auto", "mirrored", "multiworker", "none"), default=None,
+                   help="auto: all GPUs (MirroredStrategy) or none; multiworker reads TF_CONFIG")
+    p.add_argument("--seed", type=int, default=None, help="seed of initialisation and shuffling (default 0)")
+    p.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=None,
+                   help="TensorBoard logs when tensorboard is installed (default on)")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in MODEL_DIR")
+    p.add_argument("--overwrite", action="store_true", help="replace a model or an interrupted run in MODEL_DIR")
+    p = add("evaluate", _cmd_evaluate, "compare restorations with the target label (and a ground truth): Table 1 "
+                                       "metrics, contrast and difference maps")
+    p.add_argument("output", metavar="OUT_DIR", help="results folder: evaluation.json, metrics.csv, maps/")
+    p.add_argument("--target", required=True, metavar="PATH[:CHANNEL]",
+                   help="target label, e.g. sim.zarr:phalloidin (plate fields as PLATE.zarr/A/1/0:CHANNEL)")
+    p.add_argument("--input", metavar="PATH[:CHANNEL]", help="raw input label (an 'input' row; maps reference)")
+    p.add_argument("--truth", metavar="PATH[:CHANNEL]", help="ground truth: also compare everything against it")
+    p.add_argument("--method", action="append", default=[], metavar="NAME=PATH[:CHANNEL]",
+                   help="a restoration to compare (repeat: l2l, n2n, baselines...); the default channel is the "
+                        "only channel")
+    p.add_argument("--model", action="append", default=[], metavar="[NAME=]DIR",
+                   help="model folder whose training curves the report shows (prediction models are found "
+                        "automatically)")
+    p.add_argument("--crossval", metavar="crossval.json", help="cross-validation summary to show in the report")
+    p.add_argument("--normalize", choices=("percentile", "none"), default="percentile",
+                   help="percentile: map every image's own whole-image percentiles to 0/1 (default); none: raw "
+                        "values (types must match)")
+    p.add_argument("--percentiles", default="1,99.9", help="normalisation percentiles low,high (default 1,99.9)")
+    p.add_argument("--patches", type=int, default=64, help="foreground validation patches (default 64; 0 = none)")
+    p.add_argument("--patch-size", type=int, default=128, help="patch side in pixels (default 128)")
+    p.add_argument("--seed", type=int, default=0, help="patch sampling seed (default 0)")
+    p.add_argument("--threshold", type=float, default=0.4,
+                   help="foreground threshold x the target's 99.9th percentile (default 0.4, CSBDeep)")
+    p.add_argument("--data-range", type=float, default=None,
+                   help="metrics data range (default 1 when normalised, else the target dtype's)")
+    p.add_argument("--smooth", type=float, default=0.0,
+                   help="Gaussian sigma applied before comparing (paper: 1.5 for STED caveolae; default 0)")
+    p.add_argument("--rms-sigma", type=float, default=2.0, help="Gaussian sigma of the local RMS map (default 2)")
+    p.add_argument("--contrast-top-fraction", type=float, default=0.1,
+                   help="contrast sample: brightest fraction (default 0.1; paper 0.01 for caveolae)")
+    p.add_argument("--contrast-percentiles", default="1,99", help="contrast normalisation low,high (default 1,99)")
+    p.add_argument("--chunks", type=int, default=None, help="chunk side of the difference maps (default 1024)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing results folder")
+    _cluster_args(p)
+
+    p = add("report", _cmd_report, "write a self-contained HTML report of an evaluation folder")
+    p.add_argument("results", metavar="RESULTS_DIR", help="folder written by 'l2l-scale evaluate'")
+    p.add_argument("--out", metavar="report.html", help="HTML file (default RESULTS_DIR/report.html)")
+    p.add_argument("--crop-size", type=int, default=256, help="side of the image crops in pixels (default 256)")
+    p.add_argument("--crop", metavar="Y,X", help="top-left corner of the crops (default: on a foreground patch)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing report")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``l2l-scale`` console script."""
+    # TensorFlow's C++ start-up chatter (CUDA probing, oneDNN notes) is noise for users; errors still show.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from l2l_scale.io.ome_zarr import set_command_line
+
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
+    set_command_line(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_USER_ERROR

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, Iterator, Literal, Sequence, Union
@@ -467,9 +468,12 @@ def _local_cluster(config: LocalConfig) -> Any:
     n_cores = os.cpu_count() or 1
     threads = config.threads_per_worker or 1
     workers = config.workers or max(1, n_cores // threads)
-    return LocalCluster(n_workers=workers, threads_per_worker=threads, processes=True, host="127.0.0.1",
-                        dashboard_address=config.dashboard_address, memory_limit=config.memory_limit,
-                        resources=config.resources, local_directory=config.local_directory, silence_logs=40)
+    with warnings.catch_warnings():
+        # A busy 8787 is normal with several runs on one machine: the printed dashboard URL shows the port taken.
+        warnings.filterwarnings("ignore", message="Port .* is already in use")
+        return LocalCluster(n_workers=workers, threads_per_worker=threads, processes=True, host="127.0.0.1",
+                            dashboard_address=config.dashboard_address, memory_limit=config.memory_limit,
+                            resources=config.resources, local_directory=config.local_directory, silence_logs=40)
 
 
 def _cuda_cluster(config: CudaConfig) -> Any:

@@ -55,10 +55,21 @@ class TilePlan:
     batch: int
 
     @classmethod
-    def for_model(cls, spec: Any, tile: int | None = None, batch: int | None = None) -> "TilePlan":
-        """Derive grid and halo from the architecture and validate the requested tile and batch sizes."""
+    def for_model(cls, spec: Any, tile: int | None = None, batch: int | None = None,
+                  halo: int | None = None) -> "TilePlan":
+        """Derive grid and halo from the architecture and validate the requested tile, batch and halo sizes.
+
+        A requested ``halo`` may only enlarge the derived one: anything below the receptive field would make tiles
+        differ from the whole-image result.
+        """
         grid = int(spec.grid)
-        halo = int(math.ceil(spec.receptive_field / grid) * grid)
+        rf = int(spec.receptive_field)
+        if halo is not None and halo < 0:
+            raise ConfigError(f"halo {halo} is negative; omit --halo to use the model's receptive field ({rf} px)")
+        if halo is not None and halo < rf:
+            raise ConfigError(f"halo {halo} is smaller than the model's receptive field ({rf} px), so tiles would "
+                              f"differ from the whole image; use --halo {rf} or more, or omit it")
+        halo = int(math.ceil(max(rf, halo or 0) / grid) * grid)
         tile = int(tile or DEFAULT_TILE)
         batch = int(batch or DEFAULT_BATCH)
         if tile < grid or tile % grid:
@@ -249,7 +260,7 @@ def predict(model: str | Path, input: str | Path, output: str | Path, *, channel
             tile: int | None = None, batch: int | None = None, dtype: str = "float32",
             percentiles: str | Sequence[float] | None = None, norm_stats: str | None = None,
             norm_scope: str = "image", weights: str | None = None, resume: bool = False, overwrite: bool = False,
-            chunks: int | None = None) -> Path:
+            chunks: int | None = None, halo: int | None = None) -> Path:
     """Restore an OME-Zarr image, plate or folder with a CARE/L2L model, tile by tile on the Dask cluster.
 
     Parameters
@@ -278,6 +289,8 @@ def predict(model: str | Path, input: str | Path, output: str | Path, *, channel
         Finish an interrupted run / replace an existing output.
     chunks : int, optional
         Output chunk side (default: the tile size). Each task computes one chunk.
+    halo : int, optional
+        Halo in pixels, at least the receptive field (the default, computed from the architecture).
 
     Returns
     -------
@@ -293,7 +306,7 @@ def predict(model: str | Path, input: str | Path, output: str | Path, *, channel
     if norm_scope not in ("image", "dataset"):
         raise ConfigError(f"norm scope {norm_scope!r} is not supported; use image or dataset")
     spec, meta, weights_file = _model_info(model_dir, weights)
-    plan = TilePlan.for_model(spec, tile, batch)
+    plan = TilePlan.for_model(spec, tile, batch, halo)
     chunk = int(chunks or plan.tile)
     if chunk < 16:
         raise ConfigError(f"chunk {chunk} is too small; use --chunks 256 or more")
