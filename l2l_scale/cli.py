@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -263,6 +264,29 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_crossval(args: argparse.Namespace) -> int:
+    from l2l_scale.evaluate.crossval import format_crossval_table, plan_crossval, run_crossval
+
+    # Plan first: option and dataset errors (fewer pairs than folds, ...) fail before a cluster starts.
+    plan = plan_crossval(
+        args.dataset, args.out_dir, input_channels=_names(args.input_channel),
+        target_channels=_names(args.target_channel), reference_channel=args.reference_channel, mode=args.mode,
+        preset=args.preset, folds=args.folds, pairs=args.pairs, repeats=args.repeats,
+        epochs_per_pair=args.epochs_per_pair, steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size,
+        learning_rate=args.learning_rate, loss=args.loss, unet_n_depth=args.unet_depth,
+        unet_n_first=args.unet_n_first, unet_kern_size=args.unet_kern_size, patch_size=args.patch_size,
+        patches_per_image=args.patches_per_image, augment=args.augment,
+        percentiles=_floats(args.percentiles, 2, "--percentiles") if args.percentiles else None,
+        smooth=args.smooth, tile=args.tile, strategy=args.strategy, seed=args.seed, resume=args.resume,
+        overwrite=args.overwrite, keep_work=args.keep_work)
+    with _cluster(args, model_step=True, inputs=[args.dataset]):
+        result = run_crossval(plan)
+    print(format_crossval_table(result["summary"]))
+    print(f"trained {len(result['trained'])} of {plan.n_folds_total} folds ({len(result['skipped'])} were already "
+          f"finished); wrote {result['path']} and {result['csv']}")
+    return 0
+
+
 # --------------------------------------------------------------------------------------------------- parser
 
 
@@ -499,13 +523,54 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--crop-size", type=int, default=256, help="side of the image crops in pixels (default 256)")
     p.add_argument("--crop", metavar="Y,X", help="top-left corner of the crops (default: on a foreground patch)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing report")
+
+    p = add("crossval", _cmd_crossval, "repeated k-fold cross-validation split by image pair (paper Fig. 5, "
+                                       "Table 3): relative change of NRMSE and 5-scale MS-SSIM per N")
+    p.add_argument("dataset", help="OME-Zarr plate or folder; each image (field) is one input/target pair")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="results: crossval.json, crossval.csv, folds/, run.json")
+    p.add_argument("--input-channel", help="input label (one channel; default: the preset's)")
+    p.add_argument("--target-channel", help="training target label (n2n default: INPUT-repeat)")
+    p.add_argument("--reference-channel", help="label the metrics compare with (default: the target channel)")
+    p.add_argument("--mode", choices=("l2l", "n2n"), default="l2l", help="l2l (default) or n2n")
+    p.add_argument("--preset", choices=("actin", "tubulin", "caveolae", "pxn"),
+                   help="the paper's channels, normalisation and Table 3 settings (folds, N, repeats, epochs, "
+                        "loss, learning rate); explicit options override them")
+    p.add_argument("--folds", type=int, default=None, help="k of the k-fold split (default 8, or the preset's)")
+    p.add_argument("--pairs", help="numbers of pairs N, comma-separated (default 8,16,32,64, or the preset's)")
+    p.add_argument("--repeats", help="repeats per N, comma-separated (default 10,5,3,2, or the preset's)")
+    p.add_argument("--epochs-per-pair", type=float, default=None,
+                   help="epochs = round(E x N) (preset: the paper's epochs at its largest N / N)")
+    p.add_argument("--steps-per-epoch", type=int, default=None, help="training steps per epoch (preset: 150)")
+    p.add_argument("--batch-size", type=int, default=None, help="global batch size (preset: 32)")
+    p.add_argument("--learning-rate", type=float, default=None, help="Adam learning rate (preset: Table 3)")
+    p.add_argument("--loss", choices=("l1", "l2", "ssim", "ms-ssim3", "ms-ssim5"), default=None,
+                   help="training loss (preset: Table 3, ms-ssim3 or l1 for pxn)")
+    p.add_argument("--unet-depth", type=int, default=None, help="U-Net depth (default 2)")
+    p.add_argument("--unet-n-first", type=int, default=None, help="filters of the first level (default 32)")
+    p.add_argument("--unet-kern-size", type=int, default=None, help="convolution kernel size (default 5)")
+    p.add_argument("--patch-size", type=int, default=None, help="patch side in pixels (default 128)")
+    p.add_argument("--patches-per-image", type=int, default=None, help="patches per training pair (default 512)")
+    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
+                   help="zoom and rotation augmentation (on with a preset)")
+    p.add_argument("--percentiles", help="normalisation percentiles low,high for training and metrics")
+    p.add_argument("--smooth", type=float, default=None,
+                   help="Gaussian sigma before the metrics (caveolae preset: 1.5; default 0)")
+    p.add_argument("--tile", type=int, default=None, help="prediction tile side (default 1024)")
+    p.add_argument("--strategy", choices=("auto", "mirrored", "none"), default=None,
+                   help="tf.distribute strategy of each fold's training (default auto)")
+    p.add_argument("--seed", type=int, default=0, help="seed of pair draws, patches and training (default 0)")
+    p.add_argument("--keep-work", action="store_true", help="keep each fold's patches, model and restorations")
+    p.add_argument("--resume", action="store_true", help="finish an interrupted run; finished folds are skipped")
+    p.add_argument("--overwrite", action="store_true", help="delete an existing OUT_DIR first")
+    _cluster_args(p)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``l2l-scale`` console script."""
-    # TensorFlow's C++ start-up chatter (CUDA probing, oneDNN notes) is noise for users; errors still show.
+    # TensorFlow's C++ start-up chatter and tifffile's per-page warnings are noise next to our one-line errors.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    logging.getLogger("tifffile").setLevel(logging.CRITICAL)
     from l2l_scale.io.ome_zarr import set_command_line
 
     argv = list(sys.argv[1:] if argv is None else argv)

@@ -16,6 +16,7 @@ Defaults finish in about 15 minutes on a 2-core CPU; ``--size`` and ``--epochs``
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 import time
@@ -60,7 +61,7 @@ def run_demo(out: str | Path = "l2l-demo", *, size: int | None = None, epochs: i
         ``workers``, ``threads_per_worker``, ``memory_limit``, ``scheduler`` as for every command.
     """
     from l2l_scale.cluster import config_from_options, dask_client
-    from l2l_scale.evaluate.evaluate import evaluate
+    from l2l_scale.evaluate.evaluate import evaluate, format_table
     from l2l_scale.evaluate.report import report
     from l2l_scale.patches import create_patches
     from l2l_scale.predict import predict
@@ -121,6 +122,8 @@ def run_demo(out: str | Path = "l2l-demo", *, size: int | None = None, epochs: i
 
         _stage(8, "writing the report")
         html = report(results, out / "report.html")
+    rows = json.loads((Path(results) / "evaluation.json").read_text())["metrics"]
+    print("\n" + format_table(rows, reference="truth", region="image"), file=sys.stderr)
     minutes = (time.perf_counter() - t_start) / 60
     print(f"\ndemo finished in {minutes:.1f} min; report: {html.resolve()}", file=sys.stderr)
     print(html.resolve())

@@ -190,10 +190,10 @@ def _sha256(path: Path) -> str:
 
 def _model_info(model_dir: Path, weights: str | None) -> tuple[Any, dict, Path]:
     """Spec, l2l_scale.json metadata and weights file, without importing TensorFlow in the client."""
-    from l2l_scale.model import read_metadata, read_spec, weights_path
+    from l2l_scale.model import check_model_folder, read_metadata, read_spec
 
     spec = read_spec(model_dir)
-    return spec, read_metadata(model_dir), weights_path(model_dir, weights)
+    return spec, read_metadata(model_dir), check_model_folder(model_dir, weights)
 
 
 def _resolve_channels(channels: Sequence[str] | None, meta: dict, spec: Any) -> list[str]:

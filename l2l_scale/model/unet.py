@@ -561,6 +561,23 @@ def weights_path(model_dir: str | os.PathLike, weights: str | None = None) -> Pa
     return _select_weights(_check_folder(model_dir).resolve(), weights)
 
 
+def check_model_folder(model_dir: str | os.PathLike, weights: str | None = None) -> Path:
+    """Everything :func:`load_model` checks before building the network, without importing TensorFlow.
+
+    Lets a client refuse an unsafe or corrupt model folder before any work is scheduled on a cluster.
+
+    Returns
+    -------
+    Path
+        The weights file that would be loaded.
+    """
+    folder = _check_folder(model_dir).resolve()
+    _check_folder_safety(folder)
+    path = _select_weights(folder, weights)
+    _check_h5(path)
+    return path
+
+
 def read_metadata(model_dir: str | os.PathLike) -> dict:
     """Read ``<model_dir>/l2l_scale.json`` (``{}`` for a plain CSBDeep folder), validated against ``config.json``.
 
