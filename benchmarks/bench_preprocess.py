@@ -21,14 +21,15 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import psutil
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _procmem import run_measured  # noqa: E402
 
 DRIFT = (3.4, -2.2)
 
@@ -45,44 +46,15 @@ def _write_input(path: Path, size: int, chunk: int) -> float:
     return time.perf_counter() - t0
 
 
-def _tree_rss(proc: psutil.Process) -> int:
-    total = 0
-    for p in [proc, *proc.children(recursive=True)]:
-        try:
-            total += p.memory_info().rss
-        except psutil.Error:
-            pass
-    return total
-
-
 def _run(args: list[str]) -> dict:
     """Run one CLI command under /usr/bin/time -v; sample the process tree's RSS every 0.2 s."""
     cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "l2l_scale.cli", *args]
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    peak = 0
-    stop = threading.Event()
-
-    def sample():
-        nonlocal peak
-        ps = psutil.Process(proc.pid)
-        while not stop.is_set():
-            try:
-                peak = max(peak, _tree_rss(ps))
-            except psutil.Error:
-                pass
-            time.sleep(0.2)
-
-    th = threading.Thread(target=sample, daemon=True)
-    th.start()
-    out, err = proc.communicate()
-    stop.set()
-    th.join()
-    wall = time.perf_counter() - t0
+    r = run_measured(cmd, interval=0.2)
+    out, err, wall, peak, rc = r["stdout"], r["stderr"], r["seconds"], r["peak_rss"], r["returncode"]
     m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", err)
     lines = [ln for ln in err.splitlines() if ln.strip() and "━" not in ln and not ln.startswith("\t")]
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(args)} failed ({proc.returncode}):\n" + "\n".join(lines[-5:]))
+    if rc != 0:
+        raise SystemExit(f"{' '.join(args)} failed ({rc}):\n" + "\n".join(lines[-5:]))
     return {"wall_s": round(wall, 1), "client_max_rss_mb": round(int(m.group(1)) / 1024, 1) if m else None,
             "tree_peak_rss_mb": round(peak / 2**20, 1), "stdout": out.strip().splitlines()}
 

@@ -12,40 +12,20 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _procmem import run_measured  # noqa: E402
 
 TARGET_GB = 2.0
 
 
 def measure(cmd: list[str]) -> dict:
-    import psutil
-
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    peak, stop = 0, threading.Event()
-
-    def sample():
-        nonlocal peak
-        root = psutil.Process(proc.pid)
-        while not stop.is_set():
-            try:
-                peak = max(peak, sum(p.memory_info().rss for p in [root, *root.children(recursive=True)]))
-            except psutil.Error:
-                pass
-            time.sleep(0.05)
-
-    th = threading.Thread(target=sample, daemon=True)
-    th.start()
-    _, err = proc.communicate()
-    stop.set()
-    th.join()
-    return {"returncode": proc.returncode, "seconds": round(time.perf_counter() - t0, 1),
-            "peak_rss_gb": round(peak / 1e9, 3), "stderr_tail": err.strip().splitlines()[-1:] if err else []}
+    r = run_measured(cmd)
+    return {"returncode": r["returncode"], "seconds": round(r["seconds"], 1), "peak_rss_gb": round(r["peak_rss"] / 1e9, 3),
+            "stderr_tail": r["stderr"].strip().splitlines()[-1:]}
 
 
 def main() -> None:

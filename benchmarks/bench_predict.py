@@ -1,0 +1,195 @@
+"""Benchmark tiled prediction against the model's raw speed and CSBDeep, in one run on this machine.
+
+    python benchmarks/bench_predict.py [--quick] [--sizes 2048,4096,8192] [--json OUT.json]
+
+Model: the CSBDeep default architecture (depth 2, kernel 5, 32 first filters) with random weights. Images: simulated
+actin (the input label), written as OME-Zarr before timing. Each measurement runs in its own subprocess so that
+peak resident memory (summed over that process and all its children, sampled every 50 ms) belongs to it alone.
+
+- raw:     the model's own predict on in-memory tiles covering the same number of pixels: no halo, no I/O.
+- csbdeep: ``CARE.predict`` on the in-memory normalised image, best of n_tiles (1,1), (2,2), (4,4); tilings whose
+           single tile exceeds 4096^2 are skipped (CSBDeep would need > 10 GB for them).
+- l2l:     ``l2l_scale.predict.predict`` zarr -> zarr on a LocalCluster (the CLI's default for predict), including
+           exact normalisation statistics and the pyramid write. Cluster start-up and the worker's one-time model
+           load are excluded (a warm-up call on a small image), as a facility run amortises them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _procmem import run_measured  # noqa: E402
+
+TILE = 1024
+TARGETS = {"l2l_over_raw": 0.65, "l2l_over_csbdeep": 1.2, "mem_growth_8192_over_2048": 1.3, "peak_gb_8192": 2.5}
+
+
+def _make_model(path: Path) -> Path:
+    from l2l_scale.model import ModelSpec, build_unet, export_model
+
+    spec = ModelSpec(n_dim=2, n_channel_in=1, n_channel_out=1, unet_n_depth=2, unet_kern_size=5, unet_n_first=32,
+                     unet_last_activation="linear", unet_residual=True, probabilistic=False, axes="YXC")
+    net = build_unet(spec)
+    rng = np.random.default_rng(0)
+    # Random but well-scaled weights, so activations neither vanish nor explode.
+    net.set_weights([rng.normal(0, 1 / math.sqrt(max(1, np.prod(w.shape[:-1]))), w.shape).astype(np.float32)
+                     for w in net.get_weights()])
+    return export_model(net, spec, path, metadata={"channels": {"input": ["AC-15"], "output": ["phalloidin"]}})
+
+
+def _make_image(path: Path, size: int) -> Path:
+    from l2l_scale.io import write_image
+    from l2l_scale.synthetic import simulate
+
+    img = simulate("actin", size, seed=size).sel(c=["AC-15"])
+    import dask
+
+    with dask.config.set(scheduler="threads"):
+        write_image(img, path)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------- children
+
+
+def _child_raw(model: Path, size: int) -> dict:
+    from l2l_scale.model import configure_tf_threads, load_model
+
+    configure_tf_threads(os.cpu_count() or 1)
+    m = load_model(model)
+    n_tiles = math.ceil(size * size / (TILE * TILE))
+    x = np.random.default_rng(0).random((1, TILE, TILE, 1), dtype=np.float32)
+    m.predict_batch(x)  # compile
+    t0 = time.perf_counter()
+    for _ in range(n_tiles):
+        m.predict_batch(x)
+    dt = time.perf_counter() - t0
+    return {"seconds": dt, "mpx_s": n_tiles * TILE * TILE / dt / 1e6, "tiles": n_tiles, "tile": TILE}
+
+
+def _child_csbdeep(model: Path, image: Path, size: int) -> dict:
+    from csbdeep.models import CARE
+
+    from l2l_scale.io import open_image
+    from l2l_scale.model import configure_tf_threads
+
+    configure_tf_threads(os.cpu_count() or 1)
+    care = CARE(None, model.name, basedir=str(model.parent))
+    x = open_image(image).values[0].astype(np.float32)
+    lo, hi = np.percentile(x, (2, 99.8))
+    x = (x - lo) / (hi - lo)
+    care.keras_model.predict(np.zeros((1, 64, 64, 1), np.float32), verbose=0)  # compile
+    results = {}
+    for k in (1, 2, 4):
+        if size / k > 4096:
+            results[f"{k}x{k}"] = "skipped (tile > 4096^2)"
+            continue
+        t0 = time.perf_counter()
+        care.predict(x, "YX", normalizer=None, n_tiles=(k, k))
+        results[f"{k}x{k}"] = time.perf_counter() - t0
+    timed = {k: v for k, v in results.items() if isinstance(v, float)}
+    best = min(timed, key=timed.get)
+    return {"seconds": timed[best], "mpx_s": size * size / timed[best] / 1e6, "n_tiles": best, "all": results}
+
+
+def _child_l2l(model: Path, image: Path, warm: Path, out: Path, size: int) -> dict:
+    import shutil
+
+    from l2l_scale.cluster import config_from_options, dask_client
+    from l2l_scale.predict import predict
+
+    with dask_client(config_from_options(model_step=True)):
+        predict(model, warm, out.with_name("warm_out.zarr"), channels=["AC-15"], overwrite=True)
+        shutil.rmtree(out, ignore_errors=True)
+        t0 = time.perf_counter()
+        predict(model, image, out, channels=["AC-15"], tile=TILE)
+        dt = time.perf_counter() - t0
+    return {"seconds": dt, "mpx_s": size * size / dt / 1e6, "tile": TILE}
+
+
+# ----------------------------------------------------------------------------------------------- parent
+
+
+def _run_child(args: list[str]) -> dict:
+    r = run_measured([sys.executable, __file__, "--child", *args])
+    if r["returncode"] != 0:
+        return {"error": f"child exited with {r['returncode']}: {r['stderr'].strip().splitlines()[-1:]}"}
+    result = json.loads(r["stdout"].strip().splitlines()[-1])
+    result["peak_rss_gb"] = round(r["peak_rss"] / 1e9, 3)
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="only 2048^2 and 4096^2")
+    ap.add_argument("--sizes", default=None, help="comma-separated image sides (default 2048,4096,8192)")
+    ap.add_argument("--json", help="also write the JSON here")
+    ap.add_argument("--workdir", help="keep data here instead of a temporary folder")
+    ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        kind, *rest = args.child
+        if kind == "raw":
+            res = _child_raw(Path(rest[0]), int(rest[1]))
+        elif kind == "csbdeep":
+            res = _child_csbdeep(Path(rest[0]), Path(rest[1]), int(rest[2]))
+        else:
+            res = _child_l2l(Path(rest[0]), Path(rest[1]), Path(rest[2]), Path(rest[3]), int(rest[4]))
+        print(json.dumps(res))
+        return
+
+    sizes = [int(s) for s in (args.sizes or ("2048,4096" if args.quick else "2048,4096,8192")).split(",")]
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_predict_"))
+    work.mkdir(parents=True, exist_ok=True)
+    model = work / "model"
+    if not (model / "config.json").exists():
+        _make_model(model)
+    warm = work / "warm.zarr"
+    if not warm.exists():
+        _make_image(warm, 256)
+    report = {"machine": {"cores": os.cpu_count(), "memory_gb": round(__import__("psutil").virtual_memory().total / 1e9, 1)},
+              "model": {"unet_n_depth": 2, "unet_kern_size": 5, "unet_n_first": 32, "weights": "random"},
+              "tile": TILE, "sizes": {}, "targets": TARGETS}
+    for size in sizes:
+        image = work / f"actin_{size}.zarr"
+        if not image.exists():
+            _make_image(image, size)
+        entry = {
+            "raw": _run_child(["raw", str(model), str(size)]),
+            "csbdeep": _run_child(["csbdeep", str(model), str(image), str(size)]),
+            "l2l": _run_child(["l2l", str(model), str(image), str(warm), str(work / f"out_{size}.zarr"), str(size)]),
+        }
+        if all("mpx_s" in entry[k] for k in ("raw", "csbdeep", "l2l")):
+            entry["l2l_over_raw"] = round(entry["l2l"]["mpx_s"] / entry["raw"]["mpx_s"], 3)
+            entry["l2l_over_csbdeep"] = round(entry["l2l"]["mpx_s"] / entry["csbdeep"]["mpx_s"], 3)
+        report["sizes"][str(size)] = entry
+        print(json.dumps({str(size): entry}), file=sys.stderr, flush=True)
+    s = report["sizes"]
+    meets = {}
+    if all("l2l_over_raw" in e for e in s.values()):
+        meets["l2l_over_raw"] = min(e["l2l_over_raw"] for e in s.values()) >= TARGETS["l2l_over_raw"]
+        meets["l2l_over_csbdeep"] = min(e["l2l_over_csbdeep"] for e in s.values()) >= TARGETS["l2l_over_csbdeep"]
+    if "2048" in s and "8192" in s:
+        growth = s["8192"]["l2l"]["peak_rss_gb"] / s["2048"]["l2l"]["peak_rss_gb"]
+        report["mem_growth_8192_over_2048"] = round(growth, 3)
+        meets["mem_growth"] = growth <= TARGETS["mem_growth_8192_over_2048"]
+        meets["peak_gb_8192"] = s["8192"]["l2l"]["peak_rss_gb"] < TARGETS["peak_gb_8192"]
+    report["meets_targets"] = meets
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(text)
+
+
+if __name__ == "__main__":
+    main()
