@@ -114,20 +114,20 @@ class _TiffSource:
 
     def _array(self) -> Any:
         key = (self.path, self.series, self.memmap, self.mtime_ns, self.size)
+        # Opened under the lock: parallel tasks of one file then share a single handle instead of racing to open.
         with _open_lock:
             arr = _open_cache.get(key)
             if arr is not None:
                 _open_cache.move_to_end(key)
                 return arr
-        if self.memmap:
-            # mode="r": the input is mapped read-only and can never be modified through the map.
-            arr = tifffile.memmap(self.path, series=self.series, level=0, mode="r")
-        else:
-            arr = zarr.open(tifffile.imread(self.path, aszarr=True, series=self.series, level=0), mode="r")
-        if tuple(arr.shape) != self.shape:
-            raise InputError(f"{self.path}: the file changed while it was being converted "
-                             f"(shape {tuple(arr.shape)} != {self.shape}); convert it again")
-        with _open_lock:
+            if self.memmap:
+                # mode="r": the input is mapped read-only and can never be modified through the map.
+                arr = tifffile.memmap(self.path, series=self.series, level=0, mode="r")
+            else:
+                arr = zarr.open(tifffile.imread(self.path, aszarr=True, series=self.series, level=0), mode="r")
+            if tuple(arr.shape) != self.shape:
+                raise InputError(f"{self.path}: the file changed while it was being converted "
+                                 f"(shape {tuple(arr.shape)} != {self.shape}); convert it again")
             _open_cache[key] = arr
             # Evicted entries are only dereferenced, never closed here: a task in another thread may still be
             # reading from them, and CPython closes the file as soon as the last reference goes.
