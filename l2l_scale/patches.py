@@ -580,6 +580,8 @@ def create_patches(dataset: str | Path, output: str | Path, config: PatchConfig 
             tasks.append(delayed(_image_task, pure=False)(job))
         if tasks:
             compute_with_progress(tasks, f"sampling patches ({len(tasks)} images)")
+        done = len(images) - len(tasks)
+        _say(f"sampled {len(tasks)} of {len(images)} images" + (f" ({done} were already finished)" if done else ""))
         staged = [json.loads((stage_dir / f"{im.index}.json").read_text()) for im in images]
         counts = [int(s["n"]) for s in staged]
         for im, s in zip(images, staged):
@@ -616,6 +618,9 @@ def create_patches(dataset: str | Path, output: str | Path, config: PatchConfig 
                 "stage_dir": str(stage_dir), "marker": str(marker)}))
         if tasks:
             compute_with_progress(tasks, f"writing {len(tasks)} patch chunks")
+        n_chunks = len(range(0, N, chunk))
+        _say(f"wrote {len(tasks)} of {n_chunks} patch chunks" +
+             (f" ({n_chunks - len(tasks)} were already finished)" if n_chunks > len(tasks) else ""))
 
         # The table and the attributes are small and written by the client last.
         plans = [np.asarray(s["rows"], dtype=np.float64).reshape(-1, 6) for s in staged]

@@ -349,3 +349,84 @@ def test_sigterm_releases_the_lock(tmp_path):
     assert exit_.value.code == 128 + signal.SIGTERM
     assert not lk.lock_path(out).exists()
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+# ------------------------------------------------------------------- the same two checks for `l2l-scale patches`
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    from l2l_scale.synthetic import write_simulation
+
+    return write_simulation(tmp_path_factory.mktemp("pairs") / "plate.zarr", structure="actin", size=384,
+                            fields=12, seed=3, chunks=128)
+
+
+PATCH_ARGS = ["--input-channel", "AC-15", "--target-channel", "phalloidin", "--patch-size", "32",
+              "--patches-per-image", "96", "--augment", "--percentiles", "1,99.9", "--chunk-patches", "64"]
+
+
+def _patch_store(path: Path) -> dict[str, np.ndarray]:
+    group = zarr.open_group(str(path), mode="r")
+    out = {name: group[name][...] for name in ("X", "Y")}
+    out.update({f"table/{n}": a[...] for n, a in group["table"].arrays()})
+    return out
+
+
+@pytest.fixture(scope="module")
+def patches_reference(pairs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pref") / "ref.zarr"
+    run = _cli("patches", pairs, out, *PATCH_ARGS, "--scheduler", "threads")
+    assert run.returncode == 0, run.stderr
+    return _patch_store(out)
+
+
+def test_client_killed_mid_patches_then_resume_is_bit_identical(pairs, patches_reference, tmp_path):
+    out = tmp_path / "p.zarr"
+    staging = oz.partial_path(out) / oz.PROGRESS_DIR / "staging"
+    proc = subprocess.Popen(_cmd("patches", pairs, out, *PATCH_ARGS, "--scheduler", "threads"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and len(list(staging.glob("*.json"))) < 3:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finished = len(list(staging.glob("*.json")))
+    assert 3 <= finished < 12, "the client must be killed part-way through sampling"
+    assert not out.exists()
+    resumed = _cli("patches", pairs, out, *PATCH_ARGS, "--scheduler", "threads", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"sampled {12 - finished} of 12 images ({finished} were already finished)" in resumed.stderr
+    got = _patch_store(out)
+    assert got.keys() == patches_reference.keys()
+    for name, ref in patches_reference.items():
+        np.testing.assert_array_equal(got[name], ref, err_msg=name)
+
+
+def test_worker_killed_mid_patches_gives_bit_identical_output(pairs, patches_reference, two_workers, tmp_path):
+    address, client = two_workers
+    out = tmp_path / "p.zarr"
+    staging = oz.partial_path(out) / oz.PROGRESS_DIR / "staging"
+    proc = subprocess.Popen(_cmd("patches", pairs, out, *PATCH_ARGS, "--scheduler", address),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        busy = []
+        while time.time() < deadline and proc.poll() is None and not busy:
+            if len(list(staging.glob("*.json"))) >= 1:
+                busy = [addr for addr, keys in client.processing().items()
+                        if any("_image_task" in str(k) for k in keys)]
+            time.sleep(0.02)
+        assert busy, "no worker was sampling an image; the run ended too early to test a worker loss"
+        pid = client.run(os.getpid, workers=busy[:1])[busy[0]]
+        done_at_kill = len(list(staging.glob("*.json")))
+        os.kill(pid, signal.SIGKILL)
+        _, stderr = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert done_at_kill < 12
+    assert proc.returncode == 0, stderr
+    got = _patch_store(out)
+    for name, ref in patches_reference.items():
+        np.testing.assert_array_equal(got[name], ref, err_msg=name)
