@@ -650,7 +650,16 @@ def _probe(address: str, security: Any, timeout: str) -> None:
                              **security.get_connection_args("client"))
         await comm.close()
 
-    asyncio.run(_go())
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        asyncio.run(_go())
+        return
+    # Jupyter already runs an event loop in this thread, where asyncio.run() is refused: probe from a helper thread.
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(asyncio.run, _go()).result()
 
 
 def _address_client(config: AddressConfig) -> Any:

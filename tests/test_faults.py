@@ -430,3 +430,72 @@ def test_worker_killed_mid_patches_gives_bit_identical_output(pairs, patches_ref
     got = _patch_store(out)
     for name, ref in patches_reference.items():
         np.testing.assert_array_equal(got[name], ref, err_msg=name)
+
+
+# ------------------------------------------------------------------ the same two checks for `l2l-scale crossval`
+
+CV_ARGS = ["--input-channel", "AC-15", "--target-channel", "phalloidin", "--folds", "2", "--pairs", "4",
+           "--repeats", "2", "--epochs-per-pair", "0.5", "--steps-per-epoch", "3", "--batch-size", "8", "--loss", "l1",
+           "--unet-depth", "1", "--unet-n-first", "8", "--unet-kern-size", "3", "--patch-size", "32",
+           "--patches-per-image", "16", "--strategy", "none"]
+CV_FOLDS = 4  # 2 repeats x 2 folds
+
+
+@pytest.fixture(scope="module")
+def cv_plate(tmp_path_factory):
+    from l2l_scale.synthetic import write_simulation
+
+    return write_simulation(tmp_path_factory.mktemp("cvp") / "plate.zarr", structure="actin", size=128, fields=6,
+                            seed=0, chunks=128)
+
+
+@pytest.fixture(scope="module")
+def cv_reference(cv_plate, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cvref") / "cv"
+    run = _cli("crossval", cv_plate, out, *CV_ARGS, "--scheduler", "threads")
+    assert run.returncode == 0, run.stderr
+    return json.loads((out / "crossval.json").read_text())["pairs"]
+
+
+def test_client_killed_mid_crossval_then_resume_is_identical(cv_plate, cv_reference, tmp_path):
+    out = tmp_path / "cv"
+    proc = subprocess.Popen(_cmd("crossval", cv_plate, out, *CV_ARGS, "--scheduler", "threads"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and len(list((out / "folds").glob("*.json"))) < 1:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finished = len(list((out / "folds").glob("*.json")))
+    assert 1 <= finished < CV_FOLDS, "the client must be killed part-way through the folds"
+    resumed = _cli("crossval", cv_plate, out, *CV_ARGS, "--scheduler", "threads", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"trained {CV_FOLDS - finished} of {CV_FOLDS} folds ({finished} were already finished)" in resumed.stdout
+    assert json.loads((out / "crossval.json").read_text())["pairs"] == cv_reference
+
+
+def test_worker_killed_mid_crossval_gives_identical_results(cv_plate, cv_reference, two_workers, tmp_path):
+    address, client = two_workers
+    out = tmp_path / "cv"
+    proc = subprocess.Popen(_cmd("crossval", cv_plate, out, *CV_ARGS, "--scheduler", address),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        busy = []
+        while time.time() < deadline and proc.poll() is None and not busy:
+            busy = [addr for addr, keys in client.processing().items() if keys]
+            time.sleep(0.05)
+        assert busy, "no worker was running a fold; the run ended too early to test a worker loss"
+        time.sleep(1.0)  # let the fold get into its training
+        pid = client.run(os.getpid, workers=busy[:1])[busy[0]]
+        import psutil
+
+        for child in psutil.Process(pid).children(recursive=True):  # a fold trains in a child of the worker
+            child.kill()
+        os.kill(pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate(timeout=400)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr
+    assert json.loads((out / "crossval.json").read_text())["pairs"] == cv_reference

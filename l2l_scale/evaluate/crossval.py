@@ -1,0 +1,871 @@
+"""Repeated k-fold cross-validation split by image pair (paper Fig. 5 / Table 3): ``l2l-scale crossval``.
+
+How much does an L2L network depend on *which* image pairs it was trained on? The paper answers this with
+repeated cross-validations in which whole image pairs, never patches, are held out. For every number of pairs
+``N`` and every repeat ``r``:
+
+1. draw ``N`` pairs from the dataset without replacement (a NumPy generator seeded by ``(seed, N, r)``);
+2. split them into ``k`` folds (``numpy.array_split`` of the drawn order, so fold sizes differ by at most one);
+3. for every fold: sample patches from the pairs of the *other* folds only, train a CARE U-Net on them, restore
+   the held-out pairs, and compare input and restoration with the reference label.
+
+A *pair* is one image of the dataset: a field of an HCS plate, an image in a folder. Folds never share a pair, and
+a held-out pair never contributes a training patch.
+
+Epochs grow linearly with N
+---------------------------
+``epochs = max(1, round(epochs_per_pair * N))``. The paper adapted the epochs to N "linearly" (Table 3):
+20/40/60/120 epochs for N = 8/16/32/64 (actin, PXN) and 20/60/100 for N = 10/30/50 (tubulin, caveolae). A preset's
+``epochs_per_pair`` is the paper's epochs at its largest N divided by that N, i.e. 120 / 64 = 1.875 (actin, PXN)
+and 100 / 50 = 2.0 (tubulin, caveolae). This reproduces Table 3 exactly for tubulin and caveolae and for N = 32
+and 64 of actin/PXN; the paper's 20 and 40 epochs at N = 8 and 16 correspond to ``--epochs-per-pair 2.5``.
+
+Presets (Table 3)
+-----------------
+==========  =====  ===============  ============  ========  ================  ============
+preset      folds  N                repeats       loss      lr / batch / steps  per pair
+==========  =====  ===============  ============  ========  ================  ============
+actin       8      8, 16, 32, 64    10, 5, 3, 2   ms-ssim3  5e-4 / 32 / 150   1.875 epochs
+pxn         8      8, 16, 32, 64    10, 5, 3, 2   l1        5e-4 / 32 / 150   1.875 epochs
+tubulin     10     10, 30, 50       8, 3, 2       ms-ssim3  5e-4 / 32 / 150   2.0 epochs
+caveolae    10     10, 30, 50       8, 3, 2       ms-ssim3  1e-5 / 32 / 150   2.0 epochs
+==========  =====  ===============  ============  ========  ================  ============
+
+A preset also sets the channels, percentiles and augmentation of :mod:`l2l_scale.config`, and for caveolae the
+Gaussian smoothing (sigma 1.5) applied before the metrics. As in the paper, the patch stores of the folds have no
+validation split (``validation_fraction=0``: the held-out fold is the test); the best weights are then chosen by
+the training loss. Explicit options override the preset.
+
+Metrics and the relative change
+-------------------------------
+Each held-out pair is restored with :func:`l2l_scale.predict.predict` (tiled, the network output in normalised
+units). The input label, the restoration and the reference label (the target channel unless
+``reference_channel`` is given) are each normalised as ``l2l-scale evaluate`` does: with their own exact
+whole-image percentiles (the training percentiles), unclipped, optionally smoothed. Then Table 1's metrics are
+computed on the whole image (:func:`l2l_scale.evaluate.metrics.table1_metrics`, ``data_range=1``): PSNR, NRMSE
+(min-max), MS-SSIM with 5, 3 and 1 scales. Whole images need a side of at least 97 px for 5-scale MS-SSIM.
+
+The value of a fold is the relative change of its mean over the held-out pairs,
+
+    rel_change = (mean_m(restoration, reference) - mean_m(input, reference)) / mean_m(input, reference)
+
+for ``m`` = NRMSE (negative is better) and 5-scale MS-SSIM (positive is better). ``crossval.json`` lists one value
+per (repeat, fold), repeat-major, which :func:`l2l_scale.evaluate.report.load_crossval` reads, with their mean,
+sample standard deviation (``ddof=1``; 0 for one value) and the mean of every repeat (the paper's Fig. 5 plots
+one point per cross-validation, i.e. per repeat).
+
+Output folder
+-------------
+::
+
+    OUT_DIR/
+      run.json        the settings and the fold plan; --resume refuses different settings
+      folds/ID.json   one per finished fold (ID = nNNN-rRR-fFF): pairs, per-pair metrics, training history
+      work/ID/        a running fold's scratch: dataset views, patch store, model, restorations; removed when the
+                      fold is done unless keep_work
+      crossval.json   the summary (schema in :mod:`l2l_scale.evaluate.report`)
+      crossval.csv    one row per fold: means of input and restoration, relative changes
+
+Distribution and resuming
+-------------------------
+Every fold is one Dask task: with a distributed client the folds spread over the workers, each annotated with
+``resources={"GPU": 1}`` when the cluster advertises GPUs (so one fold trains per GPU); without a client they run
+one after the other in this process. On a worker, a fold task runs the fold in a fresh Python process (Keras seeds
+its weight initialisers from Python's global ``random``, which the worker's own threads also draw from, so
+training inside a worker would not be reproducible; the child also returns the fold's TensorFlow memory). A fold
+runs its patch sampling, prediction and metrics with dask's threaded scheduler where it runs, so it never waits
+for cluster slots or GPUs that other folds hold. One fold runs per worker process at a time; ``--workers`` sets
+how many run at once on a LocalCluster.
+
+A fold's JSON is written (atomically) only after the fold is complete. ``resume=True`` skips the folds whose JSON
+exists and redoes the others from scratch. Training is seeded and, on CPUs, uses TensorFlow's deterministic
+kernels, so a resumed run gives the same summary as an uninterrupted one, in this process or on a cluster. On
+GPUs TensorFlow has no deterministic gradient for the U-Net's upsampling, so a retrained fold can differ from the
+original by training noise.
+
+The fold datasets are *views*: folders of symbolic links to the dataset's images (named ``IIII_KEY`` by the
+pair's index ``IIII`` in the dataset, so an image keeps its name, and its sampled patches, in every fold). The
+dataset is never modified or copied.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import math
+import os
+import shutil
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from l2l_scale.errors import ChannelError, ConfigError, InputError, OutputError
+
+__all__ = [
+    "CROSSVAL_PRESETS",
+    "CROSSVAL_VERSION",
+    "CrossvalPlan",
+    "crossval",
+    "fold_assignments",
+    "format_crossval_table",
+    "plan_crossval",
+    "run_crossval",
+]
+
+CROSSVAL_VERSION = 1
+RUN_FILE = "run.json"
+FOLDS_DIR = "folds"
+WORK_DIR = "work"
+SUMMARY_FILE = "crossval.json"
+CSV_FILE = "crossval.csv"
+_METRICS = ("psnr", "nrmse", "ms_ssim_5", "ms_ssim_3", "ms_ssim_1")
+_CSV_COLUMNS = ("pairs", "repeat", "fold", "id", "n_train", "n_test", "epochs", "nrmse_input", "nrmse_restored",
+                "nrmse_rel_change", "ms_ssim_5_input", "ms_ssim_5_restored", "ssim5_rel_change", "psnr_input",
+                "psnr_restored")
+# One fold at a time per process: Keras' global seed and graph state, and dask.config, are process-wide.
+_FOLD_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class CrossvalPreset:
+    """The paper's Table 3 settings of one dataset."""
+
+    folds: int
+    pairs: tuple[int, ...]
+    repeats: tuple[int, ...]
+    epochs: tuple[int, ...]
+    loss: str
+    learning_rate: float
+    batch_size: int = 32
+    steps_per_epoch: int = 150
+    smooth: float = 0.0
+
+    @property
+    def epochs_per_pair(self) -> float:
+        """The epochs at the largest N divided by N (the linear rule's slope)."""
+        return self.epochs[-1] / self.pairs[-1]
+
+
+CROSSVAL_PRESETS: dict[str, CrossvalPreset] = {
+    "actin": CrossvalPreset(8, (8, 16, 32, 64), (10, 5, 3, 2), (20, 40, 60, 120), "ms-ssim3", 5e-4),
+    "pxn": CrossvalPreset(8, (8, 16, 32, 64), (10, 5, 3, 2), (20, 40, 60, 120), "l1", 5e-4),
+    "tubulin": CrossvalPreset(10, (10, 30, 50), (8, 3, 2), (20, 60, 100), "ms-ssim3", 5e-4),
+    "caveolae": CrossvalPreset(10, (10, 30, 50), (8, 3, 2), (20, 60, 100), "ms-ssim3", 1e-5, smooth=1.5),
+}
+_DEFAULT = {"folds": 8, "pairs": (8, 16, 32, 64), "repeats": (10, 5, 3, 2)}
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1, allow_nan=False))
+    os.replace(tmp, path)
+
+
+def _finite(v: Any) -> float | None:
+    """A float for JSON: NaN/Inf become ``None`` (``null``), which ``load_crossval`` reads back as NaN."""
+    v = float(v)
+    return v if math.isfinite(v) else None
+
+
+def _as_float(v: Any) -> float:
+    return float("nan") if v is None else float(v)
+
+
+# ---------------------------------------------------------------------------------------------------- planning
+
+
+def fold_assignments(n_total: int, n_pairs: int, folds: int, seed: int, repeat: int) -> list[list[int]]:
+    """The test pairs of every fold of one repeat: ``folds`` disjoint lists of dataset indices.
+
+    Parameters
+    ----------
+    n_total : int
+        Pairs in the dataset.
+    n_pairs : int
+        N, the pairs drawn for this cross-validation.
+    folds : int
+        k.
+    seed, repeat : int
+        The draw is seeded by ``(seed, n_pairs, repeat)``.
+
+    Returns
+    -------
+    list of list of int
+        Fold ``f``'s held-out pairs; its training pairs are the union of the other folds.
+    """
+    rng = np.random.default_rng([int(seed), int(n_pairs), int(repeat)])
+    drawn = rng.choice(int(n_total), size=int(n_pairs), replace=False)  # random order: folds are its slices
+    return [sorted(int(i) for i in part) for part in np.array_split(drawn, int(folds))]
+
+
+def _ints(value: Any, what: str, example: str) -> tuple[int, ...]:
+    if isinstance(value, str):
+        parts = [p.strip() for p in value.split(",") if p.strip()]
+    elif isinstance(value, (int, np.integer)):
+        parts = [value]
+    else:
+        parts = list(value)
+    try:
+        out = tuple(int(p) for p in parts)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{what} {value!r} must be comma-separated whole numbers, e.g. {example}") from None
+    if not out or any(v < 1 for v in out):
+        raise ConfigError(f"{what} {value!r} must be positive whole numbers, e.g. {example}")
+    return out
+
+
+def _view_name(index: int, key: str) -> str:
+    """The view entry of a pair: its dataset index (stable across folds) and its key, file-name safe."""
+    safe = "".join(ch if ch.isalnum() or ch in "-." else "_" for ch in key)
+    return f"{index:04d}_{safe}" if safe else f"{index:04d}"
+
+
+@dataclass
+class CrossvalPlan:
+    """Everything a cross-validation run needs, validated; made by :func:`plan_crossval`.
+
+    Attributes
+    ----------
+    dataset, out_dir : Path
+    settings : dict
+        JSON-able settings (recorded in ``run.json`` and compared on resume).
+    jobs : list of dict
+        One per fold, in (N, repeat, fold) order: the task's input.
+    resume, overwrite, keep_work : bool
+    """
+
+    dataset: Path
+    out_dir: Path
+    settings: dict
+    jobs: list[dict] = field(default_factory=list)
+    resume: bool = False
+    overwrite: bool = False
+    keep_work: bool = False
+
+    @property
+    def n_folds_total(self) -> int:
+        return len(self.jobs)
+
+
+def plan_crossval(dataset: str | Path, out_dir: str | Path, *, input_channels: Sequence[str] | str | None = None,
+                  target_channels: Sequence[str] | str | None = None, reference_channel: str | None = None,
+                  mode: str = "l2l", preset: str | None = None, folds: int | None = None,
+                  pairs: Sequence[int] | str | None = None, repeats: Sequence[int] | str | None = None,
+                  epochs_per_pair: float | None = None, steps_per_epoch: int | None = None,
+                  batch_size: int | None = None, learning_rate: float | None = None, loss: str | None = None,
+                  unet_n_depth: int | None = None, unet_n_first: int | None = None,
+                  unet_kern_size: int | None = None, patch_size: int | None = None,
+                  patches_per_image: int | None = None, augment: bool | None = None,
+                  percentiles: Sequence[float] | None = None, smooth: float | None = None,
+                  tile: int | None = None, strategy: str | None = None, seed: int = 0, resume: bool = False,
+                  overwrite: bool = False, keep_work: bool = False) -> CrossvalPlan:
+    """Validate the options and the dataset and plan every fold; nothing is written or trained.
+
+    See :func:`crossval` for the parameters. The checks here are cheap (image metadata only), so a command fails
+    in a second, before a cluster starts.
+
+    Raises
+    ------
+    ConfigError
+        ``pairs`` and ``repeats`` of different lengths, fewer than 2 folds, an N smaller than the folds, no
+        ``epochs_per_pair`` without a preset, or an invalid patch/training setting.
+    InputError
+        The dataset has fewer pairs than the folds or than the largest N, or an image lacks a channel.
+    ChannelError
+        Not exactly one input and one target channel, or an unknown channel.
+    OutputError
+        ``out_dir`` exists without ``resume``/``overwrite``, or overlaps the dataset.
+    """
+    from l2l_scale.config import get_preset, patch_config, train_config
+    from l2l_scale.io import ome_zarr as oz
+
+    dataset, out_dir = Path(dataset), Path(out_dir)
+    if mode not in ("l2l", "n2n"):
+        raise ConfigError(f"mode {mode!r} is not supported by crossval; use l2l or n2n")
+    p = get_preset(preset)
+    cv = None
+    if p is not None:
+        cv = CROSSVAL_PRESETS.get(p.name)
+        if cv is None:
+            raise ConfigError(f"preset {p.name!r} has no cross-validation settings (paper Table 3); use actin, "
+                              "tubulin, caveolae or pxn, or pass --folds, --pairs, --repeats and --epochs-per-pair")
+    k = int(folds) if folds is not None else (cv.folds if cv else _DEFAULT["folds"])
+    ns = _ints(pairs, "--pairs", "8,16,32,64") if pairs is not None else (cv.pairs if cv else _DEFAULT["pairs"])
+    rs = (_ints(repeats, "--repeats", "10,5,3,2") if repeats is not None
+          else (cv.repeats if cv else _DEFAULT["repeats"]))
+    if len(ns) != len(rs):
+        raise ConfigError(f"--pairs has {len(ns)} values ({','.join(map(str, ns))}) but --repeats has {len(rs)} "
+                          f"({','.join(map(str, rs))}); give one repeat count per N")
+    if len(set(ns)) != len(ns):
+        raise ConfigError(f"--pairs {','.join(map(str, ns))} lists an N twice; give each N once")
+    if k < 2:
+        raise ConfigError(f"--folds {k} must be at least 2 (k-fold cross-validation holds out 1/k of the pairs)")
+    small = [n for n in ns if n < k]
+    if small:
+        raise ConfigError(f"N={small[0]} pairs cannot be split into {k} folds (each fold holds out at least one "
+                          f"pair); use --pairs values >= {k} or fewer --folds")
+    if epochs_per_pair is None:
+        if cv is None:
+            raise ConfigError("no epoch schedule: pass --epochs-per-pair E (epochs = round(E x N)) or a --preset "
+                              "(actin, tubulin, caveolae, pxn)")
+        epochs_per_pair = cv.epochs_per_pair
+    if not (math.isfinite(float(epochs_per_pair)) and float(epochs_per_pair) > 0):
+        raise ConfigError(f"--epochs-per-pair {epochs_per_pair} must be a positive number, e.g. 2")
+    epochs = {n: max(1, int(round(float(epochs_per_pair) * n))) for n in ns}
+
+    ins = [input_channels] if isinstance(input_channels, str) else list(input_channels or [])
+    tgs = [target_channels] if isinstance(target_channels, str) else list(target_channels or [])
+    pcfg = patch_config(preset=preset, mode=mode, input_channels=ins or None, target_channels=tgs or None,
+                        patch_size=patch_size, patches_per_image=patches_per_image, augment=augment,
+                        percentiles=tuple(percentiles) if percentiles is not None else None, seed=seed,
+                        validation_fraction=0.0)
+    if len(pcfg.input_channels) != 1 or len(pcfg.target_channels) != 1:
+        raise ChannelError(f"crossval compares one input with one target channel, got {pcfg.input_channels} -> "
+                           f"{pcfg.target_channels}; pass one --input-channel and one --target-channel")
+    in_ch, tg_ch = pcfg.input_channels[0], pcfg.target_channels[0]
+    ref_ch = reference_channel or tg_ch
+    table3 = ({"steps_per_epoch": cv.steps_per_epoch, "batch_size": cv.batch_size,
+               "learning_rate": cv.learning_rate, "loss": cv.loss} if cv else {})
+    given = {"steps_per_epoch": steps_per_epoch, "batch_size": batch_size, "learning_rate": learning_rate,
+             "loss": loss}
+    explicit = {key: v for key, v in given.items() if v is not None}
+    tcfg = train_config(None, preset=preset, **{**table3, **explicit},
+                        unet_n_depth=unet_n_depth, unet_n_first=unet_n_first, unet_kern_size=unet_kern_size,
+                        strategy=strategy, seed=seed, tensorboard=False)
+    from l2l_scale.model.losses import check_patch_size
+
+    check_patch_size(tcfg.loss_spec(), pcfg.patch_size)
+    if pcfg.patch_size % (2**tcfg.unet_n_depth):
+        raise ConfigError(f"patch size {pcfg.patch_size} is not a multiple of the U-Net grid {2**tcfg.unet_n_depth} "
+                          "(2**depth); use a multiple of it or a lower --unet-depth")
+    smooth_v = float(smooth) if smooth is not None else (cv.smooth if cv else 0.0)
+    if not (math.isfinite(smooth_v) and smooth_v >= 0):
+        raise ConfigError(f"--smooth {smooth} must be >= 0 (paper: 1.5 for STED caveolae, else 0)")
+
+    # The dataset: one pair per image; metadata only.
+    oz.require_exists(dataset)
+    refs = oz.list_images(dataset)
+    n_total = len(refs)
+    if n_total < k:
+        raise InputError(f"{dataset} has {n_total} image pair(s) but {k}-fold cross-validation needs at least {k}; "
+                         "add pairs or use fewer --folds")
+    if n_total < max(ns):
+        raise InputError(f"{dataset} has {n_total} image pairs but --pairs asks for N={max(ns)}; use N <= "
+                         f"{n_total} or add pairs")
+    for ref in refs:
+        img = oz.open_image(ref.path)
+        names = [str(c) for c in img.coords["c"].values] if "c" in img.dims else []
+        for ch, what in ((in_ch, "input"), (tg_ch, "target"), (ref_ch, "reference")):
+            if ch not in names:
+                raise ChannelError(f"image {ref.key or ref.path} has no {what} channel {ch!r} (it has "
+                                   f"{', '.join(names) or 'no channel axis'}); pass channel names every pair has")
+        side = min(img.sizes["y"], img.sizes["x"])
+        need = max([pcfg.patch_size] + ([int(round(pcfg.patch_size / z)) for z in pcfg.zooms] if pcfg.augment else []))
+        if side < need:  # checked here too, so that it fails now and not in the first fold
+            raise InputError(f"image {ref.key or ref.path} is {img.sizes['y']}x{img.sizes['x']} px, smaller than the "
+                             f"{need} px a patch (or its zoomed source region) needs; use a smaller --patch-size")
+        if side < 97:
+            raise InputError(f"image {ref.key or ref.path} is {img.sizes['y']}x{img.sizes['x']} px; the 5-scale "
+                             "MS-SSIM of a whole image needs at least 97 px per side; use larger images")
+
+    if out_dir.exists() and not (resume or overwrite):
+        raise OutputError(f"{out_dir} exists; pass --resume to finish that cross-validation or --overwrite to "
+                          "start again")
+    if out_dir.exists() and overwrite and not resume and not (out_dir / RUN_FILE).is_file() and any(
+            out_dir.iterdir()):
+        # --overwrite deletes OUT_DIR: never a folder that some other program wrote.
+        raise OutputError(f"{out_dir} is not a crossval results folder (no {RUN_FILE}); --overwrite only replaces "
+                          "those, choose another OUT_DIR")
+    oz.check_output(out_dir, overwrite=True, inputs=[dataset])  # overlap, lock, writable parent
+
+    settings = {
+        "dataset": str(dataset.resolve()),
+        "keys": [r.key for r in refs],
+        "mode": mode,
+        "preset": p.name if p else None,
+        "channels": {"input": in_ch, "target": tg_ch, "reference": ref_ch},
+        "folds": k,
+        "pairs": list(ns),
+        "repeats": list(rs),
+        "epochs_per_pair": float(epochs_per_pair),
+        "epochs": {str(n): e for n, e in epochs.items()},
+        "seed": int(seed),
+        "patches": pcfg.model_dump(mode="json"),
+        # The epochs are per N (above); the rest of the training settings are shared by every fold.
+        "train": {key: v for key, v in tcfg.model_dump(mode="json").items() if key != "epochs"},
+        "evaluate": {"percentiles": list(pcfg.percentiles), "smooth": smooth_v, "region": "image",
+                     "data_range": 1.0},
+        "predict": {"tile": tile},
+    }
+    plan = CrossvalPlan(dataset, out_dir, settings, resume=resume, overwrite=overwrite, keep_work=keep_work)
+    entries = [(_view_name(i, r.key), str(Path(r.path).resolve()), r.key) for i, r in enumerate(refs)]
+    for n, reps in zip(ns, rs):
+        for r in range(reps):
+            parts = fold_assignments(n_total, n, k, seed, r)
+            for f, test in enumerate(parts):
+                train_idx = sorted(i for j, part in enumerate(parts) if j != f for i in part)
+                fid = f"n{n:03d}-r{r:02d}-f{f:02d}"
+                plan.jobs.append({
+                    "id": fid, "pairs": n, "repeat": r, "fold": f, "epochs": epochs[n],
+                    "train": [entries[i] for i in train_idx], "test": [entries[i] for i in test],
+                    "work": str(out_dir.resolve() / WORK_DIR / fid),
+                    "result": str(out_dir.resolve() / FOLDS_DIR / f"{fid}.json"),
+                    "patches": settings["patches"], "train_config": settings["train"],
+                    "channels": settings["channels"], "evaluate": settings["evaluate"], "tile": tile,
+                    "keep_work": bool(keep_work),
+                })
+    return plan
+
+
+# ------------------------------------------------------------------------------------------------ one fold
+
+
+def _make_view(folder: Path, entries: Sequence[Sequence[str]]) -> Path:
+    """A folder dataset of symbolic links to some images of the dataset (the images are not copied)."""
+    folder.mkdir(parents=True)
+    for name, target, _key in entries:
+        try:
+            (folder / f"{name}.zarr").symlink_to(target, target_is_directory=True)
+        except OSError as exc:
+            raise OutputError(f"cannot create symbolic links in {folder} ({exc.strerror or exc}); crossval builds "
+                              "each fold's dataset from symlinks: put OUT_DIR on a file system that supports "
+                              "them") from None
+    return folder
+
+
+def _normalised(spec: tuple[str, str | None], q: Sequence[float], smooth: float):
+    """A 2-D image normalised as ``l2l-scale evaluate`` does: its own exact whole-image percentiles, unclipped."""
+    from l2l_scale.evaluate.evaluate import load_image
+    from l2l_scale.preprocess.normalize import normalize, percentiles
+
+    img, _ = load_image(spec)
+    x = img.data
+    try:
+        lo, hi = (float(v) for v in percentiles(x, list(q), channel_axis=None))
+        out = normalize(x, lo, hi, dtype=np.float32, channel_axis=None)
+    except InputError as exc:
+        raise InputError(f"{spec[0]}{':' + spec[1] if spec[1] else ''}: {exc}") from None
+    if smooth:
+        from dask_image.ndfilters import gaussian_filter
+
+        out = gaussian_filter(out.astype(np.float64), smooth, mode="reflect").astype(np.float32)
+    return out
+
+
+def _pair_metrics(source: str, restored: str, channels: dict, ev: dict) -> dict:
+    """Table 1 metrics of the input and of the restoration against the reference label, on the whole image."""
+    from l2l_scale.evaluate.metrics import table1_metrics
+
+    q, smooth = ev["percentiles"], float(ev["smooth"])
+    ref = _normalised((source, channels["reference"]), q, smooth)
+    inp = _normalised((source, channels["input"]), q, smooth)
+    res = _normalised((restored, None), q, smooth)
+    with np.errstate(all="ignore"):
+        return {"input": {k: _finite(v) for k, v in table1_metrics(ref, inp, data_range=1.0).items()},
+                "restoration": {k: _finite(v) for k, v in table1_metrics(ref, res, data_range=1.0).items()}}
+
+
+def _rel_change(restored: float, inp: float) -> float:
+    with np.errstate(all="ignore"):
+        return float((np.float64(restored) - inp) / np.float64(inp)) if inp else float("nan")
+
+
+def _fold_summary(per_pair: list[dict]) -> dict:
+    """Means over the held-out pairs and the fold's relative changes of NRMSE and 5-scale MS-SSIM."""
+    mean = {role: {m: _nanmean([_as_float(p[role][m]) for p in per_pair]) for m in _METRICS}
+            for role in ("input", "restoration")}
+    rel = {}
+    for m, name in (("nrmse", "nrmse_rel_change"), ("ms_ssim_5", "ssim5_rel_change")):
+        rel[name] = _finite(_rel_change(_as_float(mean["restoration"][m]), _as_float(mean["input"][m])))
+    return {"mean": mean, **rel}
+
+
+@contextlib.contextmanager
+def _fold_context():
+    """One fold at a time in this process, with its dask work on local threads and its chatter on stderr.
+
+    The lock keeps Keras' global seed and dask's global config to one fold; the threaded scheduler keeps the fold's
+    own computations (patch sampling, prediction, metrics) where the fold runs, instead of sending them to a
+    cluster whose slots may all be taken by waiting folds; stdout stays free for the result table.
+    """
+    import dask
+
+    with _FOLD_LOCK, dask.config.set(scheduler="threads"), contextlib.redirect_stdout(sys.stderr):
+        yield
+
+
+@contextlib.contextmanager
+def _deterministic_ops():
+    """TensorFlow's deterministic kernels while a fold trains on CPU, so a retrained fold equals the original.
+
+    Adam turns float round-off differences (e.g. of multi-threaded reductions) into visibly different weights
+    within a few steps. On GPUs this is left off: the U-Net's nearest-neighbour upsampling has no deterministic
+    GPU gradient and TensorFlow would refuse to train.
+    """
+    import tensorflow as tf
+
+    if tf.config.list_physical_devices("GPU"):
+        yield
+        return
+    try:  # is_/disable_op_determinism are not public; without them determinism simply stays on
+        from tensorflow.python.framework import config as tf_config
+
+        was_on = bool(tf_config.is_op_determinism_enabled())
+        restore = tf_config.disable_op_determinism
+    except (ImportError, AttributeError):
+        was_on, restore = True, None
+    tf.config.experimental.enable_op_determinism()
+    try:
+        yield
+    finally:
+        if not was_on and restore is not None:
+            restore()
+
+
+def _run_fold(job: dict) -> dict:
+    """One fold, in this process: patches from the training pairs, training, restoration and metrics of the
+    held-out pairs; writes ``folds/ID.json`` when complete and returns its content."""
+    from l2l_scale.config import PatchConfig, TrainConfig
+    from l2l_scale.patches import create_patches
+    from l2l_scale.predict import predict
+    from l2l_scale.train import train
+
+    t0 = time.perf_counter()
+    with _fold_context():
+        work = Path(job["work"])
+        if work.exists():  # left by an interrupted run: redo the fold from scratch (training is deterministic)
+            shutil.rmtree(work)
+        work.mkdir(parents=True)
+        train_view = _make_view(work / "train-pairs", job["train"])
+        test_view = _make_view(work / "test-pairs", job["test"])
+        _say(f"fold {job['id']}: training on {len(job['train'])} pairs, testing on {len(job['test'])}")
+        store = create_patches(train_view, work / "patches.zarr", PatchConfig(**job["patches"]))
+        cfg = TrainConfig(**{**job["train_config"], "epochs": int(job["epochs"])})
+        history: list[dict] = []
+        keep = ("epoch", "loss", "learning_rate")
+        with _deterministic_ops():
+            model = train(store, work / "model", cfg,
+                          hooks=[lambda epoch, row, _m: history.append({k: row[k] for k in keep})])
+        restored = predict(model, test_view, work / "restored.zarr", channels=[job["channels"]["input"]],
+                           tile=job["tile"])
+        per_pair = []
+        for name, source, key in job["test"]:
+            metrics = _pair_metrics(source, str(restored / f"{name}.zarr"), job["channels"], job["evaluate"])
+            per_pair.append({"key": key, **metrics})
+        result = {
+            "l2l_scale_crossval_fold": CROSSVAL_VERSION,
+            "id": job["id"], "pairs": job["pairs"], "repeat": job["repeat"], "fold": job["fold"],
+            "epochs": job["epochs"],
+            "train_keys": [e[2] for e in job["train"]], "test_keys": [e[2] for e in job["test"]],
+            "per_pair": per_pair, **_fold_summary(per_pair),
+            "history": history, "seconds": round(time.perf_counter() - t0, 1),
+        }
+        result_path = Path(job["result"])
+        result_path.parent.mkdir(parents=True, exist_ok=True)
+        _write_json_atomic(result_path, result)  # the commit point: the fold is done only now
+        if not job["keep_work"]:
+            shutil.rmtree(work, ignore_errors=True)
+    return result
+
+
+def _in_dask_worker() -> bool:
+    try:
+        from distributed import get_worker
+
+        get_worker()
+        return True
+    except (ImportError, ValueError):
+        return False
+
+
+def _fold_task(job: dict) -> dict:
+    """The Dask task of one fold: in a fresh Python process when it runs on a Dask worker, else here.
+
+    Keras draws the seeds of its weight initialisers from Python's global ``random``, which a worker's own threads
+    use too, so training inside a worker is not reproducible (and a resumed fold would differ from the original).
+    A child process also hands the fold's TensorFlow memory back when the fold ends. It inherits the worker's
+    environment, e.g. the GPU that dask-cuda assigned (``CUDA_VISIBLE_DEVICES``).
+    """
+    if not _in_dask_worker():
+        return _run_fold(job)
+    import subprocess
+
+    job_file = Path(job["result"]).with_name(f".{job['id']}.job.json")
+    error_file = job_file.with_name(f".{job['id']}.error.json")
+    job_file.parent.mkdir(parents=True, exist_ok=True)
+    error_file.unlink(missing_ok=True)
+    _write_json_atomic(job_file, job)
+    env = dict(os.environ)
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    with _FOLD_LOCK:  # one fold per worker process at a time, as in-process (set --workers for more)
+        code = subprocess.call([sys.executable, "-m", "l2l_scale.evaluate.crossval", str(job_file)], env=env)
+    job_file.unlink(missing_ok=True)
+    if code == 0:
+        return json.loads(Path(job["result"]).read_text())
+    if error_file.is_file():
+        from l2l_scale import errors
+
+        info = json.loads(error_file.read_text())
+        error_file.unlink(missing_ok=True)
+        cls = getattr(errors, info.get("type", ""), None)
+        if isinstance(cls, type) and issubclass(cls, errors.L2LError):
+            raise cls(f"fold {job['id']}: {info['message']}")
+    raise RuntimeError(f"fold {job['id']} failed in its worker (exit code {code}); see the worker's log")
+
+
+def _child_main(argv: Sequence[str]) -> int:
+    """``python -m l2l_scale.evaluate.crossval JOB.json``: run one fold (see :func:`_fold_task`)."""
+    from l2l_scale.errors import L2LError
+
+    job_file = Path(argv[0])
+    job = json.loads(job_file.read_text())
+    try:
+        _run_fold(job)
+    except L2LError as exc:
+        _write_json_atomic(job_file.with_name(f".{job['id']}.error.json"),
+                           {"type": type(exc).__name__, "message": str(exc)})
+        print(f"l2l-scale crossval: fold {job['id']}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- the driver
+
+
+def _check_run_file(plan: CrossvalPlan) -> None:
+    run_file = plan.out_dir / RUN_FILE
+    if plan.resume and run_file.exists():
+        previous = json.loads(run_file.read_text())
+        old, new = previous.get("settings", {}), plan.settings
+        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        if changed:
+            raise OutputError(f"{plan.out_dir}: the earlier run used different {', '.join(changed)}; rerun with the "
+                              "same options, or with --overwrite to start again")
+    plan.out_dir.mkdir(parents=True, exist_ok=True)
+    _write_json_atomic(run_file, {"l2l_scale_crossval_run": CROSSVAL_VERSION, "settings": plan.settings,
+                                  "folds": [{"id": j["id"], "train_keys": [e[2] for e in j["train"]],
+                                             "test_keys": [e[2] for e in j["test"]]} for j in plan.jobs]})
+
+
+def _read_fold(job: dict) -> dict:
+    path = Path(job["result"])
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        raise InputError(f"{path}: unreadable fold result; delete it and rerun with --resume") from None
+    if data.get("test_keys") != [e[2] for e in job["test"]] or data.get("train_keys") != [e[2] for e in job["train"]]:
+        raise OutputError(f"{path} belongs to a different fold plan; delete it and rerun with --resume, or rerun "
+                          "with --overwrite")
+    return data
+
+
+def _run_jobs(jobs: list[dict]) -> None:
+    """Run the fold tasks: on the distributed client if there is one (GPU-annotated), else one by one here."""
+    from l2l_scale.cluster import current_client, worker_resources
+
+    total = len(jobs)
+    client = current_client()
+    if client is None:
+        for i, job in enumerate(jobs, 1):
+            result = _fold_task(job)
+            _say(f"[{i}/{total}] fold {job['id']} done in {result['seconds']:.0f} s: "
+                 f"dNRMSE {_fmt(result['nrmse_rel_change'])}, dSSIM5 {_fmt(result['ssim5_rel_change'])}")
+        return
+    from dask import delayed
+    from distributed import as_completed
+
+    resources = {"GPU": 1} if worker_resources(client).get("GPU") else None
+    tasks = [delayed(_fold_task, pure=False)(job, dask_key_name=f"crossval-fold-{job['id']}") for job in jobs]
+    _say(f"submitting {total} fold(s) to the cluster" + (" (one GPU each)" if resources else ""))
+    futures = client.compute(tasks, resources=resources)
+    try:
+        for i, fut in enumerate(as_completed(futures), 1):
+            result = fut.result()
+            _say(f"[{i}/{total}] fold {result['id']} done in {result['seconds']:.0f} s: "
+                 f"dNRMSE {_fmt(result['nrmse_rel_change'])}, dSSIM5 {_fmt(result['ssim5_rel_change'])}")
+    except BaseException:
+        client.cancel(futures)
+        raise
+
+
+def _fmt(v: Any, signed: bool = True) -> str:
+    v = _as_float(v)
+    return "nan" if not math.isfinite(v) else (f"{v:+.3f}" if signed else f"{v:.3f}")
+
+
+def _nanmean(values: Any) -> float | None:
+    """Mean of the finite values; ``None`` when there is none (e.g. every input metric was 0)."""
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    return float(v.mean()) if v.size else None
+
+
+def _sd(values: np.ndarray) -> float:
+    finite = values[np.isfinite(values)]
+    return float(np.std(finite, ddof=1)) if finite.size > 1 else 0.0 if finite.size else float("nan")
+
+
+def _summarise(plan: CrossvalPlan, results: list[dict]) -> dict:
+    """The ``crossval.json`` content from the fold results (read from disk, so a resumed run gives the same)."""
+    from l2l_scale.io import ome_zarr as oz
+
+    s = plan.settings
+    by_n: dict[str, dict] = {}
+    for n, reps in zip(s["pairs"], s["repeats"]):
+        rows = sorted((r for r in results if r["pairs"] == n), key=lambda r: (r["repeat"], r["fold"]))
+        entry: dict[str, Any] = {"repeats": reps, "folds": s["folds"], "epochs": s["epochs"][str(n)]}
+        values = {m: np.array([_as_float(r[m]) for r in rows], dtype=np.float64)
+                  for m in ("nrmse_rel_change", "ssim5_rel_change")}
+        entry.update({m: [_finite(v) for v in vals] for m, vals in values.items()})
+        entry["mean"] = {m: _nanmean(v) for m, v in values.items()}
+        entry["sd"] = {m: _finite(_sd(v)) for m, v in values.items()}
+        entry["repeat_mean"] = {m: [_nanmean([_as_float(r[m]) for r in rows if r["repeat"] == rep])
+                                    for rep in range(reps)] for m in values}
+        entry["index"] = [[r["repeat"], r["fold"]] for r in rows]
+        by_n[str(n)] = entry
+    name = s["preset"] or plan.dataset.name.removesuffix(".zarr")
+    return {
+        "l2l_scale_crossval": CROSSVAL_VERSION,
+        "dataset": name,
+        "source": s["dataset"],
+        "folds": s["folds"],
+        "channels": s["channels"],
+        "mode": s["mode"],
+        "pairs": by_n,
+        "definition": "(m(restoration, reference) - m(input, reference)) / m(input, reference) of the means over "
+                      "each fold's held-out pairs; m = NRMSE (min-max) or 5-scale MS-SSIM on whole images, each "
+                      "normalised with its own exact percentiles; one value per (repeat, fold), repeat-major",
+        "provenance": oz.provenance(s, s["dataset"]),
+    }
+
+
+def _write_csv(results: list[dict], path: Path) -> None:
+    rows = sorted(results, key=lambda r: (r["pairs"], r["repeat"], r["fold"]))
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(_CSV_COLUMNS)
+        for r in rows:
+            mi, mr = r["mean"]["input"], r["mean"]["restoration"]
+            vals = [r["pairs"], r["repeat"], r["fold"], r["id"], len(r["train_keys"]), len(r["test_keys"]),
+                    r["epochs"], mi["nrmse"], mr["nrmse"], r["nrmse_rel_change"], mi["ms_ssim_5"], mr["ms_ssim_5"],
+                    r["ssim5_rel_change"], mi["psnr"], mr["psnr"]]
+            w.writerow(["nan" if v is None else (repr(float(v)) if isinstance(v, float) else v) for v in vals])
+    os.replace(tmp, path)
+
+
+def format_crossval_table(summary: dict) -> str:
+    """A plain-text table of a ``crossval.json`` summary: per N the mean +- s.d. of both relative changes."""
+    head = f"{'N':>5}  {'repeats x folds':>15}  {'epochs':>6}  {'dNRMSE mean +- sd':>20}  {'dSSIM5 mean +- sd':>20}"
+    lines = [head]
+    for n, e in summary["pairs"].items():
+        cells = []
+        for m in ("nrmse_rel_change", "ssim5_rel_change"):
+            cells.append(f"{_fmt(e['mean'][m])} +- {_fmt(e['sd'][m], signed=False)}")
+        lines.append(f"{n:>5}  {str(e['repeats']) + ' x ' + str(e['folds']):>15}  {e['epochs']:>6}  "
+                     f"{cells[0]:>20}  {cells[1]:>20}")
+    lines.append("(relative change of input -> restoration vs the reference label; NRMSE: lower is better, "
+                 "5-scale MS-SSIM: higher is better)")
+    return "\n".join(lines)
+
+
+def run_crossval(plan: CrossvalPlan) -> dict:
+    """Run (or finish) a planned cross-validation and write ``crossval.json`` and ``crossval.csv``.
+
+    Returns
+    -------
+    dict
+        ``summary`` (the ``crossval.json`` content), ``trained`` and ``skipped`` (fold ids), ``path``
+        (``crossval.json``) and ``csv``.
+    """
+    from l2l_scale.io import lock
+
+    out = plan.out_dir
+    with lock.OutputLock(out):
+        if plan.overwrite and out.exists() and not plan.resume:
+            shutil.rmtree(out)
+        _check_run_file(plan)
+        (out / FOLDS_DIR).mkdir(exist_ok=True)
+        done = [j for j in plan.jobs if Path(j["result"]).is_file()]
+        pending = [j for j in plan.jobs if not Path(j["result"]).is_file()]
+        if done:
+            _say(f"{len(done)} of {plan.n_folds_total} folds already finished; running the other {len(pending)}")
+        if pending:
+            _run_jobs(pending)
+        results = [_read_fold(j) for j in plan.jobs]
+        summary = _summarise(plan, results)
+        _write_json_atomic(out / SUMMARY_FILE, summary)
+        _write_csv(results, out / CSV_FILE)
+        work = out / WORK_DIR
+        if work.is_dir() and not any(work.iterdir()):
+            work.rmdir()
+    return {"summary": summary, "trained": [j["id"] for j in pending], "skipped": [j["id"] for j in done],
+            "path": out / SUMMARY_FILE, "csv": out / CSV_FILE}
+
+
+def crossval(dataset: str | Path, out_dir: str | Path, **options: Any) -> dict:
+    """Repeated k-fold cross-validation of L2L (or N2N) training, split by image pair (paper Fig. 5, Table 3).
+
+    Parameters
+    ----------
+    dataset : path
+        OME-Zarr HCS plate or folder of images; every image (field) is one input/target pair.
+    out_dir : path
+        Results folder (see the module notes).
+    input_channels, target_channels : str or list of one str
+        The input label and the training target (``mode="n2n"``: default ``<input>-repeat``). A ``preset`` sets
+        the paper's.
+    reference_channel : str, optional
+        The label the metrics compare with (default: the target channel).
+    mode : {"l2l", "n2n"}
+    preset : {"actin", "tubulin", "caveolae", "pxn"}, optional
+        The paper's channels, normalisation, augmentation and Table 3 settings (see the module notes).
+    folds : int
+        k (default 8, or the preset's).
+    pairs, repeats : sequence of int or "8,16,32,64"
+        N values and the repeats of each (same length; default 8,16,32,64 and 10,5,3,2, or the preset's).
+    epochs_per_pair : float
+        ``epochs = round(epochs_per_pair * N)``; required without a preset.
+    steps_per_epoch, batch_size, learning_rate, loss, unet_n_depth, unet_n_first, unet_kern_size, strategy
+        Training settings (:class:`l2l_scale.config.TrainConfig`); the preset's Table 3 values by default.
+    patch_size, patches_per_image, augment, percentiles
+        Patch settings (:class:`l2l_scale.config.PatchConfig`); the percentiles also normalise the metrics.
+    smooth : float, optional
+        Gaussian sigma applied to every normalised image before the metrics (caveolae preset: 1.5; else 0).
+    tile : int, optional
+        Prediction tile side (see :func:`l2l_scale.predict.predict`).
+    seed : int
+        Seeds the pair draws ``(seed, N, repeat)``, the patch sampling and the training.
+    resume : bool
+        Finish an interrupted run: folds with a result in ``OUT_DIR/folds`` are not retrained.
+    overwrite : bool
+        Delete an existing ``out_dir`` first.
+    keep_work : bool
+        Keep every fold's patch store, model and restorations in ``OUT_DIR/work/ID``.
+
+    Returns
+    -------
+    dict
+        See :func:`run_crossval`.
+
+    Raises
+    ------
+    ConfigError, InputError, ChannelError, OutputError
+        See :func:`plan_crossval`; errors of a fold (e.g. a training pair without foreground) propagate, and the
+        folds finished before are kept for ``resume``.
+    """
+    return run_crossval(plan_crossval(dataset, out_dir, **options))
+
+
+if __name__ == "__main__":  # a fold in its own process, started by _fold_task on a Dask worker
+    sys.exit(_child_main(sys.argv[1:]))
