@@ -134,8 +134,9 @@ def _predict_block(task: dict) -> int:
     model = get_cached_model(task["model"], task["weights"])
     src = zarr.open_array(store=task["src_store"], path=task["src_path"], mode="r")
     dst = zarr.open_array(store=task["dst_store"], path="0", mode="r+")
-    (H, W), (ay, ax), grid = task["hw"], task["pad"], task["grid"]
-    Hp, Wp = H + sum(task["pad_y"]), W + sum(task["pad_x"])
+    (H, W), grid = task["hw"], task["grid"]
+    pad_y, pad_x = _pad_split(H, grid), _pad_split(W, grid)
+    (ay, ax), Hp, Wp = (pad_y[0], pad_x[0]), H + sum(pad_y), W + sum(pad_x)
     oy0, oy1, ox0, ox1 = task["region"]
     ty = _spans(oy0 + ay, oy1 + ay, task["tile"], task["halo"], grid, Hp)
     tx = _spans(ox0 + ax, ox1 + ax, task["tile"], task["halo"], grid, Wp)
@@ -176,16 +177,6 @@ def _predict_block(task: dict) -> int:
         Path(task["marker"]).parent.mkdir(parents=True, exist_ok=True)
         Path(task["marker"]).touch()
     return 1
-
-
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _model_info(model_dir: Path, weights: str | None) -> tuple[Any, dict, Path]:
@@ -298,6 +289,7 @@ def predict(model: str | Path, input: str | Path, output: str | Path, *, channel
         The output path.
     """
     from l2l_scale.cluster import compute_with_progress, current_client, worker_resources
+    from l2l_scale.model import sha256_file
     from l2l_scale.preprocess.normalize import parse_percentiles
 
     model_dir, input_path, output = Path(model), Path(input), Path(output)
@@ -327,7 +319,7 @@ def predict(model: str | Path, input: str | Path, output: str | Path, *, channel
         oz.select_channels(img, in_names)  # validates names with a clear error
         images[ref.key] = img
     norm = _norm_values(input_path, refs, in_names, q, norm_scope, norm_stats)
-    checksum = _sha256(weights_file)
+    checksum = sha256_file(weights_file)
     params = {"model": str(model_dir), "weights": weights_file.name, "channels": in_names, "tile": plan.tile,
               "batch": plan.batch, "halo": plan.halo, "grid": plan.grid, "chunks": chunk, "dtype": dtype,
               "percentiles": list(q), "norm_scope": norm_scope, "norm_stats": norm_stats}
@@ -422,8 +414,7 @@ def _block_tasks(img: Any, ref: Any, dims: tuple, gpath: Path, level0: Any, mode
                     "dst_store": str(gpath), "dst_dims": dims, "plane": plane,
                     "channels": [c_names.index(c) for c in channels],
                     "lo": [lo_hi[c][0] for c in channels], "hi": [lo_hi[c][1] for c in channels],
-                    "hw": (H, W), "pad": (_pad_split(H, plan.grid)[0], _pad_split(W, plan.grid)[0]),
-                    "pad_y": _pad_split(H, plan.grid), "pad_x": _pad_split(W, plan.grid), "grid": plan.grid,
+                    "hw": (H, W), "grid": plan.grid,
                     "tile": plan.tile, "halo": plan.halo, "batch": plan.batch, "n_out": spec.n_channel_out,
                     "region": (y0, min(y0 + cy, H), x0, min(x0 + cx, W)), "uint16": uint16,
                     "marker": str(marker),

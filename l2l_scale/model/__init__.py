@@ -11,6 +11,7 @@ from l2l_scale.model.unet import (
     load_model,
     read_metadata,
     read_spec,
+    sha256_file,
     weights_path,
 )
 
@@ -25,5 +26,6 @@ __all__ = [
     "load_model",
     "read_metadata",
     "read_spec",
+    "sha256_file",
     "weights_path",
 ]

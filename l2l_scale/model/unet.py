@@ -524,7 +524,7 @@ def load_model(model_dir: str | os.PathLike, weights: str | None = None) -> Load
     weights_file = _select_weights(folder, weights)
     _check_h5(weights_file)
     metadata = _read_metadata(folder, spec)
-    checksum = _sha256(weights_file)
+    checksum = sha256_file(weights_file)
     keras_model = build_unet(spec)
     try:
         keras_model.load_weights(str(weights_file))
@@ -807,7 +807,8 @@ def _validate_metadata(meta: Mapping, spec: ModelSpec) -> None:
                 )
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in blocks (model checksums in provenance)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -982,7 +983,7 @@ def export_model(
         folder.mkdir(parents=True, exist_ok=True)
         _atomic_write(folder / WEIGHTS_LAST, lambda p: _write_legacy_h5(last_model, p))
         _atomic_write(folder / WEIGHTS_BEST, lambda p: _write_legacy_h5(best_model, p))
-        meta["weights"] = {n: {"sha256": _sha256(folder / n)} for n in (WEIGHTS_BEST, WEIGHTS_LAST)}
+        meta["weights"] = {n: {"sha256": sha256_file(folder / n)} for n in (WEIGHTS_BEST, WEIGHTS_LAST)}
         _atomic_write(folder / METADATA_FILE, lambda p: p.write_text(_dumps(meta), encoding="utf-8"))
         config = _csbdeep_config(spec, train)
         _atomic_write(folder / CONFIG_FILE, lambda p: p.write_text(json.dumps(config), encoding="utf-8"))
