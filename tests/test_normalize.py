@@ -373,3 +373,18 @@ def test_constant_channel_is_an_input_error():
     lo, hi = percentiles(img, (1, 99.9))[1]
     with pytest.raises(InputError, match="constant"):
         normalize(img.sel(c=["DAPI"]), [lo], [hi])
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.uint32, np.uint64])
+def test_counting_kernel_equals_bincount_of_the_selected_digits(dtype):
+    bits = np.dtype(dtype).itemsize * 8
+    rng = np.random.default_rng(11)
+    keys = rng.integers(0, np.iinfo(dtype).max, 5000, dtype=dtype, endpoint=True)
+    keys[:1000] = keys[0]  # one prefix with many members, so a selection is not empty
+    for known in sorted({0, min(8, bits - 1), max(0, bits - 16)}):
+        m = min(16, bits - known)
+        prefix = int(keys[0]) >> (bits - known) if known else 0
+        sel = keys if not known else keys[(keys >> np.uint64(bits - known)).astype(np.uint64) == prefix]
+        digits = (sel.astype(np.uint64) >> np.uint64(bits - known - m)) & np.uint64((1 << m) - 1)
+        want = np.bincount(digits.astype(np.intp), minlength=1 << m)
+        np.testing.assert_array_equal(norm._histogram(keys, bits, known, prefix), want)
