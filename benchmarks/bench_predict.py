@@ -12,6 +12,12 @@ peak resident memory (summed over that process and all its children, sampled eve
 - l2l:     ``l2l_scale.predict.predict`` zarr -> zarr on a LocalCluster (the CLI's default for predict), including
            exact normalisation statistics and the pyramid write. Cluster start-up and the worker's one-time model
            load are excluded (a warm-up call on a small image), as a facility run amortises them.
+
+csbdeep and l2l are timed twice. The headline figures (``mpx_s``, ``l2l_over_*``, ``meets_targets``) are the first,
+"cold" run, as a one-image job sees it: the process touches its working memory for the first time, which on a VM
+whose memory is backed lazily by the host costs about 1.3 s per GB (CSBDeep's untiled 2048^2 call needs ~4 GB).
+``warm_*`` and ``meets_targets_warm`` repeat the same call in the same process (CSBDeep: its best tiling), as in a
+facility loop over many images: compute-bound, both do the same convolutions, and l2l adds its halo.
 """
 
 from __future__ import annotations
@@ -99,7 +105,12 @@ def _child_csbdeep(model: Path, image: Path, size: int) -> dict:
         results[f"{k}x{k}"] = time.perf_counter() - t0
     timed = {k: v for k, v in results.items() if isinstance(v, float)}
     best = min(timed, key=timed.get)
-    return {"seconds": timed[best], "mpx_s": size * size / timed[best] / 1e6, "n_tiles": best, "all": results}
+    k = int(best.split("x")[0])
+    t0 = time.perf_counter()
+    care.predict(x, "YX", normalizer=None, n_tiles=(k, k))
+    warm = time.perf_counter() - t0
+    return {"seconds": timed[best], "mpx_s": size * size / timed[best] / 1e6, "n_tiles": best, "all": results,
+            "warm_seconds": warm, "warm_mpx_s": size * size / warm / 1e6}
 
 
 def _child_l2l(model: Path, image: Path, warm: Path, out: Path, size: int) -> dict:
@@ -111,10 +122,14 @@ def _child_l2l(model: Path, image: Path, warm: Path, out: Path, size: int) -> di
     with dask_client(config_from_options(model_step=True)):
         predict(model, warm, out.with_name("warm_out.zarr"), channels=["AC-15"], overwrite=True)
         shutil.rmtree(out, ignore_errors=True)
-        t0 = time.perf_counter()
-        predict(model, image, out, channels=["AC-15"], tile=TILE)
-        dt = time.perf_counter() - t0
-    return {"seconds": dt, "mpx_s": size * size / dt / 1e6, "tile": TILE}
+        times = []
+        for _ in range(2):
+            shutil.rmtree(out, ignore_errors=True)
+            t0 = time.perf_counter()
+            predict(model, image, out, channels=["AC-15"], tile=TILE)
+            times.append(time.perf_counter() - t0)
+    return {"seconds": times[0], "mpx_s": size * size / times[0] / 1e6, "tile": TILE,
+            "warm_seconds": times[1], "warm_mpx_s": size * size / times[1] / 1e6}
 
 
 # ----------------------------------------------------------------------------------------------- parent
@@ -172,6 +187,8 @@ def main() -> None:
         if all("mpx_s" in entry[k] for k in ("raw", "csbdeep", "l2l")):
             entry["l2l_over_raw"] = round(entry["l2l"]["mpx_s"] / entry["raw"]["mpx_s"], 3)
             entry["l2l_over_csbdeep"] = round(entry["l2l"]["mpx_s"] / entry["csbdeep"]["mpx_s"], 3)
+            entry["warm"] = {"l2l_over_raw": round(entry["l2l"]["warm_mpx_s"] / entry["raw"]["mpx_s"], 3),
+                             "l2l_over_csbdeep": round(entry["l2l"]["warm_mpx_s"] / entry["csbdeep"]["warm_mpx_s"], 3)}
         report["sizes"][str(size)] = entry
         print(json.dumps({str(size): entry}), file=sys.stderr, flush=True)
     s = report["sizes"]
@@ -179,6 +196,8 @@ def main() -> None:
     if all("l2l_over_raw" in e for e in s.values()):
         meets["l2l_over_raw"] = min(e["l2l_over_raw"] for e in s.values()) >= TARGETS["l2l_over_raw"]
         meets["l2l_over_csbdeep"] = min(e["l2l_over_csbdeep"] for e in s.values()) >= TARGETS["l2l_over_csbdeep"]
+        report["meets_targets_warm"] = {
+            k: min(e["warm"][k] for e in s.values()) >= TARGETS[k] for k in ("l2l_over_raw", "l2l_over_csbdeep")}
     if "2048" in s and "8192" in s:
         growth = s["8192"]["l2l"]["peak_rss_gb"] / s["2048"]["l2l"]["peak_rss_gb"]
         report["mem_growth_8192_over_2048"] = round(growth, 3)

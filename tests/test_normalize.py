@@ -388,3 +388,19 @@ def test_counting_kernel_equals_bincount_of_the_selected_digits(dtype):
         digits = (sel.astype(np.uint64) >> np.uint64(bits - known - m)) & np.uint64((1 << m) - 1)
         want = np.bincount(digits.astype(np.intp), minlength=1 << m)
         np.testing.assert_array_equal(norm._histogram(keys, bits, known, prefix), want)
+
+
+def test_counting_kernel_compiles_without_a_writable_cache(monkeypatch):
+    """A read-only install with an unwritable home (e.g. a container with a random user) has no numba cache
+    location; the kernel must still compile, just without caching."""
+    from numba.core import caching
+
+    class _Nowhere(caching._CacheLocator):
+        @classmethod
+        def from_function(cls, py_func, py_file):
+            return None
+
+    monkeypatch.setattr(caching.CacheImpl, "_locator_classes", [_Nowhere])
+    monkeypatch.setattr(norm, "_kernel", None)
+    keys = np.array([3, 3, 7, 65535], dtype=np.uint16)
+    np.testing.assert_array_equal(norm._histogram(keys, 16, 0, 0), np.bincount(keys, minlength=65536))

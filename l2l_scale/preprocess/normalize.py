@@ -215,7 +215,10 @@ def _count_kernel() -> Any:
         if _kernel is None:
             import numba
 
-            _kernel = numba.njit(nogil=True, cache=True)(_count_loop)
+            try:
+                _kernel = numba.njit(nogil=True, cache=True)(_count_loop)
+            except RuntimeError:  # no writable cache location (read-only install and home): compile per process
+                _kernel = numba.njit(nogil=True)(_count_loop)
     return _kernel
 
 
