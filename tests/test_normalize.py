@@ -404,3 +404,30 @@ def test_counting_kernel_compiles_without_a_writable_cache(monkeypatch):
     monkeypatch.setattr(norm, "_kernel", None)
     keys = np.array([3, 3, 7, 65535], dtype=np.uint16)
     np.testing.assert_array_equal(norm._histogram(keys, 16, 0, 0), np.bincount(keys, minlength=65536))
+
+
+@pytest.mark.parametrize("dtype", [">u2", ">i2", ">i4", ">f4", ">f8"])
+def test_big_endian_data_is_exact(dtype):
+    """Keys reinterpret bits, so data in non-native byte order must be converted first, not viewed."""
+    rng = np.random.default_rng(12)
+    arr = rng.normal(100, 300, (2, 60, 70)).clip(0 if dtype == ">u2" else None).astype(dtype)
+    got = percentiles(da.from_array(arr, chunks=(1, 32, 32)), Q, channel_axis=0)
+    np.testing.assert_array_equal(got, _expected(arr.astype(arr.dtype.newbyteorder("="))))
+
+
+def test_big_endian_ngff_04_image_as_bioformats2raw_writes_it(tmp_path):
+    import zarr
+
+    data = np.random.default_rng(13).integers(0, 4000, (2, 64, 80)).astype(">u2")
+    path = tmp_path / "be.zarr"
+    root = zarr.open_group(str(path), mode="w", zarr_format=2)
+    root.create_array("0", data=data, chunks=(1, 32, 32))
+    assert root["0"].dtype == np.dtype(">u2")
+    root.attrs.update({"multiscales": [{"version": "0.4", "axes": [
+        {"name": "c", "type": "channel"}, {"name": "y", "type": "space"}, {"name": "x", "type": "space"}],
+        "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [1.0, 0.1, 0.1]}]}]}],
+        "omero": {"channels": [{"label": "a"}, {"label": "b"}]}})
+    stats = dataset_stats(path, q=(1, 99.9))
+    for c, name in enumerate(("a", "b")):
+        lo, hi = np.percentile(data[c].astype(np.uint16), (1, 99.9))
+        assert (stats["images"][""][name]["lo"], stats["images"][""][name]["hi"]) == (lo, hi)
