@@ -32,7 +32,9 @@ After every epoch the chief writes ``MODEL_DIR/checkpoints/epoch-NNNN.weights.h5
 the network *and* the optimiser state: Adam moments, iteration count, learning rate), ``best-NNNN.npz`` when the
 monitored loss improved, and then ``state.json`` (epoch, history, best epoch, ReduceLROnPlateau and early-stopping
 counters), which is the commit point. ``resume=True`` rebuilds the network, loads the last checkpoint and
-continues with the next epoch; the data order after a resume is seeded by (seed, epoch). For multi-worker
+continues with the next epoch. Every epoch draws its batches from a stream seeded by (seed, epoch), so a resumed
+run sees the batches an uninterrupted run would have, and on one device its weights come out bit-identical
+(``tests/test_train.py``). For multi-worker
 training ``MODEL_DIR`` must be on a file system that every worker can read.
 
 Progress: one log line per epoch, ``MODEL_DIR/logs/history.csv``, and TensorBoard scalars in
@@ -555,16 +557,18 @@ def train(patches: str | Path, model_dir: str | Path, config: TrainConfig | str 
     monitor = "val_loss" if store.n_validation > 0 else "loss"
     if monitor == "loss":
         _say("warning: the patch store has no validation patches; the best weights are chosen by training loss")
-    data_seed = cfg.seed + 1000 * start_epoch
-    train_ds = _distributed(strategy, info, store, "train", cfg.batch_size, shuffle=True, repeat=True,
-                            seed=data_seed, shuffle_buffer=cfg.shuffle_buffer)
+
+    def epoch_batches(epoch: int):
+        # Seeded by (seed, epoch) rather than reshuffled from one start: that is what makes resuming exact.
+        return iter(_distributed(strategy, info, store, "train", cfg.batch_size, shuffle=True, repeat=True,
+                                 seed=cfg.seed + 1000 * epoch, shuffle_buffer=cfg.shuffle_buffer))
+
     val_steps = 0
     if store.n_validation:
         val_steps = cfg.validation_batches or max(1, store.n_validation // cfg.batch_size)
         val_ds = _distributed(strategy, info, store, "validation", cfg.batch_size, shuffle=False, repeat=True,
                               seed=0)
     train_step, eval_step = _make_steps(model, optimizer, loss_fn, strategy, cfg.batch_size)
-    train_it = iter(train_ds)
     board = _TensorBoard(log_dir / "tensorboard", cfg.tensorboard and info["chief"])
 
     if info["chief"]:
@@ -580,6 +584,7 @@ def train(patches: str | Path, model_dir: str | Path, config: TrainConfig | str 
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
         total = 0.0
+        train_it = epoch_batches(epoch)
         for step in range(cfg.steps_per_epoch):
             value = float(train_step(train_it))
             if not math.isfinite(value):
