@@ -18,6 +18,11 @@ csbdeep and l2l are timed twice. The headline figures (``mpx_s``, ``l2l_over_*``
 whose memory is backed lazily by the host costs about 1.3 s per GB (CSBDeep's untiled 2048^2 call needs ~4 GB).
 ``warm_*`` and ``meets_targets_warm`` repeat the same call in the same process (CSBDeep: its best tiling), as in a
 facility loop over many images: compute-bound, both do the same convolutions, and l2l adds its halo.
+
+``ceiling`` states what the targets ask of the baseline. ``halo_factor`` is the pixels the model computes at this tile
+(tiles plus halos) over the image's pixels, so ``raw / halo_factor`` is the fastest any exact tiled engine can be
+here, with free I/O and scheduling; ``ceiling.l2l_over_csbdeep`` is that speed over CSBDeep's. Where it is below
+1.2, the l2l/csbdeep target cannot be met at this tile on this machine, whatever the engine does.
 """
 
 from __future__ import annotations
@@ -51,6 +56,21 @@ def _make_model(path: Path) -> Path:
     net.set_weights([rng.normal(0, 1 / math.sqrt(max(1, np.prod(w.shape[:-1]))), w.shape).astype(np.float32)
                      for w in net.get_weights()])
     return export_model(net, spec, path, metadata={"channels": {"input": ["AC-15"], "output": ["phalloidin"]}})
+
+
+def _halo_factor(model: Path, size: int) -> float:
+    """Pixels the model computes for a size^2 image at TILE (tiles plus their halos) over the image's pixels.
+
+    With ``raw`` this gives the ceiling no engine can pass at this tile without breaking exactness:
+    ``raw / halo_factor`` is l2l's speed with zero I/O and scheduling cost.
+    """
+    from l2l_scale.model import read_spec
+    from l2l_scale.predict import TilePlan, _pad_split, _spans
+
+    plan = TilePlan.for_model(read_spec(model), TILE)
+    lo, hi = _pad_split(size, plan.grid)
+    side = sum(i1 - i0 for _, _, i0, i1 in _spans(lo, lo + size, plan.tile, plan.halo, plan.grid, size + lo + hi))
+    return side * side / (size * size)
 
 
 def _make_image(path: Path, size: int) -> Path:
@@ -189,6 +209,15 @@ def main() -> None:
             entry["l2l_over_csbdeep"] = round(entry["l2l"]["mpx_s"] / entry["csbdeep"]["mpx_s"], 3)
             entry["warm"] = {"l2l_over_raw": round(entry["l2l"]["warm_mpx_s"] / entry["raw"]["mpx_s"], 3),
                              "l2l_over_csbdeep": round(entry["l2l"]["warm_mpx_s"] / entry["csbdeep"]["warm_mpx_s"], 3)}
+            # What the targets ask of the baseline: l2l computes the halo too, so even with free I/O it cannot
+            # pass raw / halo_factor, and l2l/csbdeep >= 1.2 needs csbdeep at or below that ceiling / 1.2.
+            halo = _halo_factor(model, size)
+            raw, cold, warm_ = entry["raw"]["mpx_s"], entry["csbdeep"]["mpx_s"], entry["csbdeep"]["warm_mpx_s"]
+            ceiling = raw / halo
+            entry["ceiling"] = {"halo_factor": round(halo, 3), "l2l_mpx_s": round(ceiling, 3),
+                                "csbdeep_over_raw": round(cold / raw, 3), "warm_csbdeep_over_raw": round(warm_ / raw, 3),
+                                "l2l_over_csbdeep": round(ceiling / cold, 3),
+                                "warm_l2l_over_csbdeep": round(ceiling / warm_, 3)}
         report["sizes"][str(size)] = entry
         print(json.dumps({str(size): entry}), file=sys.stderr, flush=True)
     s = report["sizes"]
