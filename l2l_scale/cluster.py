@@ -797,9 +797,12 @@ def compute_with_progress(tasks: Sequence[Any], label: str, *, resources: dict |
                     bar.advance(job)
             except BaseException:
                 client.cancel(futures)
+                _wait_for_cancelled(client, tasks)
                 raise
             return results
         import dask
+        import dask.threaded
+        from dask.base import get_scheduler
         from dask.callbacks import Callback
 
         final = set()
@@ -812,5 +815,44 @@ def compute_with_progress(tasks: Sequence[Any], label: str, *, resources: dict |
                 if key in final:
                     bar.advance(job)
 
-        with _Bar():
-            return list(dask.compute(*tasks))
+        # dask's threaded scheduler raises the first error while the other threads still run their tasks; with
+        # a pool of our own, shutting it down waits for them, so a failed write is not followed by late chunks
+        # that recreate the output the caller has just removed.
+        own_pool = (get_scheduler(collections=list(tasks)) is dask.threaded.get
+                    and dask.config.get("pool", None) is None)
+        pool = dask.threaded.ContextAwareThreadPoolExecutor(dask.config.get("num_workers", None) or
+                                                            dask.threaded.CPU_COUNT) if own_pool else None
+        try:
+            with _Bar():
+                return list(dask.compute(*tasks, **({"pool": pool} if pool else {})))
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _executing_keys(dask_worker: Any) -> list[str]:
+    return [str(ts.key) for ts in dask_worker.state.executing]
+
+
+def _wait_for_cancelled(client: Any, tasks: Sequence[Any], timeout: float = 300.0) -> None:
+    """Wait until no worker still runs a task of ``tasks``' graphs (at most ``timeout`` seconds).
+
+    Cancelling only stops tasks that have not started: one already running keeps running on its worker after the
+    scheduler has forgotten it, and a block write finishing after the caller removed a failed output would leave
+    a partial directory behind.
+    """
+    import time
+
+    from dask.base import collections_to_expr
+
+    # The same optimised graph that client.compute submitted, so its keys are the ones the workers run.
+    keys = {str(k) for k in collections_to_expr(list(tasks), optimize_graph=True).__dask_graph__()}
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            running = client.run(_executing_keys)
+        except Exception:  # a worker gone or unreachable runs nothing more for us
+            return
+        if not any(keys.intersection(k) for k in running.values()):
+            return
+        time.sleep(0.1)

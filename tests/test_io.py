@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 import tracemalloc
 
 import dask
@@ -147,6 +149,47 @@ def test_failed_write_leaves_nothing(tmp_path):
     arr = da.ones((256, 256), chunks=(128, 128), dtype=np.uint16).map_blocks(boom, dtype=np.uint16)
     with pytest.raises(RuntimeError):
         oz.write_image(arr, tmp_path / "x.zarr", dims=("y", "x"), chunks=128)
+    assert list(tmp_path.iterdir()) == []
+
+
+_WRITE_RUNNING = threading.Event()
+
+
+def _fail_once_a_write_runs(block, block_info=None):
+    if block_info[0]["chunk-location"] == (1, 1):
+        _WRITE_RUNNING.wait(10)
+        raise RuntimeError("disk on fire")
+    return block
+
+
+def _slow_first_write(block, target, region, marker, _write=oz._write_block):
+    if all(r.start == 0 for r in region):
+        _WRITE_RUNNING.set()
+        time.sleep(1.0)  # still writing when block (1, 1) fails
+    return _write(block, target, region, marker)
+
+
+@pytest.mark.parametrize("scheduler", ["threads", "distributed"])
+def test_failed_write_waits_for_running_writes_before_cleaning_up(tmp_path, monkeypatch, scheduler):
+    """A chunk write still running when another block fails must not recreate the removed output afterwards."""
+    import contextlib
+
+    monkeypatch.setattr(oz, "_write_block", _slow_first_write)
+    _WRITE_RUNNING.clear()
+    arr = da.ones((256, 256), chunks=(128, 128), dtype=np.uint16).map_blocks(_fail_once_a_write_runs, dtype=np.uint16)
+    if scheduler == "threads":
+        ctx = dask.config.set(scheduler="threads", num_workers=2)
+    else:
+        import distributed
+
+        ctx = contextlib.ExitStack()
+        cluster = ctx.enter_context(distributed.LocalCluster(n_workers=1, threads_per_worker=2, processes=False,
+                                                             dashboard_address=None))
+        ctx.enter_context(distributed.Client(cluster))
+    with ctx:
+        with pytest.raises(RuntimeError, match="disk on fire"):
+            oz.write_image(arr, tmp_path / "x.zarr", dims=("y", "x"), chunks=128)
+        time.sleep(1.5)  # long enough for a late write to land if nothing waited for it
     assert list(tmp_path.iterdir()) == []
 
 
