@@ -250,3 +250,31 @@ def test_reader_errors(tmp_path):
     with pytest.raises(ChannelError, match="unknown channel 'DAPI'"):
         oz.select_channels(img, ["DAPI"])
     assert list(oz.select_channels(img, ["phalloidin", 0]).coords["c"].values) == ["phalloidin", "AC-15"]
+
+
+@pytest.mark.parametrize("codec", ["zstd", "gzip", "none"])
+def test_damaged_chunks_are_named_and_other_errors_surface(tmp_path, codec):
+    compressors = {"zstd": zarr.codecs.ZstdCodec(), "gzip": zarr.codecs.GzipCodec(), "none": None}[codec]
+    arr = zarr.create_array(tmp_path / "a.zarr", shape=(64, 64), chunks=(32, 32), dtype="uint16",
+                            compressors=compressors)
+    arr[:] = np.arange(64 * 64, dtype="uint16").reshape(64, 64)
+    chunk = tmp_path / "a.zarr" / "c" / "0" / "1"
+    chunk.write_bytes(chunk.read_bytes()[: len(chunk.read_bytes()) // 2])
+    with pytest.raises(InputError, match=r"cannot read region \[0:32, 32:64\].*damaged"):
+        oz.read_region(zarr.open_array(tmp_path / "a.zarr"), (slice(0, 32), slice(32, 64)), tmp_path)
+    np.testing.assert_array_equal(oz.read_region(arr, (slice(0, 32), slice(0, 32)), tmp_path),
+                                  np.asarray(arr[:32, :32]))
+
+    class Failing:
+        shape, dtype, ndim = arr.shape, arr.dtype, arr.ndim
+
+        def __init__(self, exc):
+            self.exc = exc
+
+        def __getitem__(self, key):
+            raise self.exc
+
+    # Not about the stored bytes: a MemoryError, an object-store timeout or a permission error is not "damage".
+    for exc in (MemoryError(), TimeoutError("read timed out"), PermissionError("denied"), NotImplementedError()):
+        with pytest.raises(type(exc)):
+            oz.read_region(Failing(exc), (slice(0, 8),), tmp_path)

@@ -12,12 +12,15 @@ memory stays bounded), block-level completion records for ``--resume``, and the 
 
 from __future__ import annotations
 
+import gzip
 import json
+import lzma
 import os
 import re
 import shlex
 import shutil
 import sys
+import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -194,11 +197,20 @@ def _read_multiscale(path: Path) -> tuple[zarr.Group, MultiscaleMeta]:
                                  {k: v for k, v in ome.items() if k not in ("multiscales", "omero", "version")})
 
 
+# What a damaged chunk raises here: codecs raise RuntimeError (blosc, zstd), gzip/zlib errors or EOFError
+# (truncated streams), and a chunk of the wrong size fails its reshape with ValueError. Everything else (a
+# MemoryError, a timeout or refused connection to an object store, a permission error) says nothing about the
+# data and must surface as itself, so it is not caught.
+_DECODE_ERRORS = (RuntimeError, ValueError, EOFError, zlib.error, gzip.BadGzipFile, lzma.LZMAError)
+_NOT_DAMAGE = (NotImplementedError, RecursionError)
+
+
 class _CheckedArray:
     """A zarr array whose failed chunk reads become one clear :class:`InputError`.
 
-    zarr/numcodecs raise many types for a corrupt or truncated chunk (blosc, zstd, ValueError, OSError). Wrapping
-    the read keeps the message short and names the image and region; the array pickles like zarr's own.
+    zarr/numcodecs raise many types for a corrupt or truncated chunk (see ``_DECODE_ERRORS``). Wrapping the read
+    keeps the message short and names the image and region; the array pickles like zarr's own. Errors that are not
+    about the stored bytes (memory, network, permissions) pass through unchanged.
     """
 
     def __init__(self, array: zarr.Array, path: Path):
@@ -208,7 +220,9 @@ class _CheckedArray:
     def __getitem__(self, key: Any) -> np.ndarray:
         try:
             return self.array[key]
-        except Exception as exc:
+        except _DECODE_ERRORS as exc:
+            if isinstance(exc, _NOT_DAMAGE):
+                raise
             region = ", ".join(f"{k.start}:{k.stop}" if isinstance(k, slice) else str(k)
                                for k in (key if isinstance(key, tuple) else (key,)))
             raise InputError(f"{self.path}: cannot read region [{region}] ({type(exc).__name__}: "

@@ -327,6 +327,50 @@ def _rescale_block(block: np.ndarray, rmin: float, rmax: float) -> np.ndarray:
     return rescale_intensity(block.astype(np.float64), in_range=(rmin, rmax)).astype(np.float32)
 
 
+# The two steps below are copied from scikit-image 0.26 (skimage/exposure/_adapthist.py, BSD-3-Clause,
+# Copyright the scikit-image team) because skimage keeps them private: importing ``_adapthist`` would break on
+# any internal rename. They must stay identical to skimage's for the exactness promise above, and
+# tests/test_baselines.py checks the whole result against the public ``equalize_adapthist``, which fails if
+# skimage's algorithm ever changes.
+def _clip_histogram(hist: np.ndarray, clip_limit: int) -> np.ndarray:
+    """Clip ``hist`` at ``clip_limit`` and redistribute the excess over the bins, as skimage does (in place)."""
+    excess_mask = hist > clip_limit
+    excess = hist[excess_mask]
+    n_excess = excess.sum() - excess.size * clip_limit
+    hist[excess_mask] = clip_limit
+    bin_incr = n_excess // hist.size
+    upper = clip_limit - bin_incr
+    low_mask = hist < upper
+    n_excess -= hist[low_mask].size * bin_incr
+    hist[low_mask] += bin_incr
+    mid_mask = np.logical_and(hist >= upper, hist < clip_limit)
+    mid = hist[mid_mask]
+    n_excess += mid.sum() - mid.size * clip_limit
+    hist[mid_mask] = clip_limit
+    while n_excess > 0:
+        prev_n_excess = n_excess
+        for index in range(hist.size):
+            under_mask = hist < clip_limit
+            step_size = max(1, np.count_nonzero(under_mask) // n_excess)
+            under_mask = under_mask[index::step_size]
+            hist[index::step_size][under_mask] += 1
+            n_excess -= np.count_nonzero(under_mask)
+            if n_excess <= 0:
+                break
+        if prev_n_excess == n_excess:
+            break
+    return hist
+
+
+def _map_histogram(hist: np.ndarray, min_val: int, max_val: int, n_pixels: int) -> np.ndarray:
+    """The equalising LUT of clipped histograms (last axis = bins), as skimage computes it."""
+    out = np.cumsum(hist, axis=-1).astype(float)
+    out *= (max_val - min_val) / n_pixels
+    out += min_val
+    np.clip(out, a_min=None, a_max=max_val, out=out)
+    return out.astype(int)
+
+
 def _block_grid(arr: da.Array):
     starts = [np.cumsum((0,) + c[:-1]) for c in arr.chunks]
     return arr.to_delayed(), starts
@@ -362,8 +406,6 @@ def clahe(image: Any, *, grid: int | None = None, kernel_size: int | Sequence[in
     ConfigError
         Invalid parameters, or a region table above ``_MAX_TABLE`` entries (use a larger kernel).
     """
-    from skimage.exposure._adapthist import clip_histogram, map_histogram
-
     from l2l_scale.cluster import compute_with_progress
 
     arr = _dask2d(image)
@@ -399,8 +441,8 @@ def clahe(image: Any, *, grid: int | None = None, kernel_size: int | Sequence[in
     elements = ks[0] * ks[1]
     clim = int(np.clip(clip_limit * elements, 1, None)) if clip_limit > 0 else elements
     hist = table.reshape(-1, nbins)
-    hist = np.apply_along_axis(clip_histogram, -1, hist, clip_limit=clim)
-    luts = map_histogram(hist, 0, NR_OF_GRAY - 1, elements).astype(np.uint16).reshape(ry, rx, nbins)
+    hist = np.apply_along_axis(_clip_histogram, -1, hist, clip_limit=clim)
+    luts = _map_histogram(hist, 0, NR_OF_GRAY - 1, elements).astype(np.uint16).reshape(ry, rx, nbins)
 
     # Passes 3 and 4: map every block through the LUTs of the regions around it (and only those).
     rows = []
