@@ -91,6 +91,21 @@ def test_test_output_is_l2l_scale_predict(package, trained, tmp_path):
     np.testing.assert_allclose(np.asarray(oz.open_image(out).values), np.moveaxis(y[0], -1, 0), atol=1e-5)
 
 
+def test_export_with_a_users_test_image(trained, tmp_path):
+    """--test-image: a centre crop to whole grid cells; keras_hdf5 only."""
+    from l2l_scale.model.bioimageio import export_bioimageio
+
+    raw = _field(13, size=102)  # 102 -> 100, whole cells of the depth-2 grid (4)
+    src = _image(tmp_path, raw, ["phalloidin", "AC-15"])
+    out = export_bioimageio(trained[1], tmp_path / "own.zip", authors=["A"], test_image=src,
+                            weight_formats=["keras_hdf5"])
+    with zipfile.ZipFile(out) as zf:
+        x = np.load(zf.open("test_input.npy"))
+        assert "model.onnx" not in zf.namelist()
+    assert x.shape == (1, 100, 100, 1)
+    np.testing.assert_array_equal(x[0, ..., 0], raw[1, 1:101, 1:101])
+
+
 @pytest.mark.parametrize("weight_format", ["keras_hdf5", "onnx", "tensorflow_saved_model_bundle"])
 def test_bioimageio_core_test_model(package, weight_format, tmp_path, monkeypatch):
     from bioimageio.core import test_model
@@ -109,6 +124,8 @@ def test_export_refuses_bad_inputs(trained, package, capsys):
         ([model, str(trained[0] / "y.zip"), "--author", " "], "at least one author"),
         ([str(trained[0] / "nope"), str(trained[0] / "z.zip"), "--author", "A"], "not found"),
     ]
+    small = _image(trained[0], _field(9, size=40)[:1], ["AC-15"])
+    cases.append(([model, str(trained[0] / "s.zip"), "--author", "A", "--test-image", str(small)], "at least 52x52"))
     for argv, match in cases:
         assert main(["export-bioimageio", *argv]) == 2
         err = capsys.readouterr().err.strip()

@@ -53,7 +53,8 @@ def _require_bioimageio():
                          "pip install 'l2l-scale[bioimageio]'") from None
 
 
-def _test_image(loaded, test_image: str | Path | None, channels: Sequence[str], size: int):
+def _test_image(loaded, test_image: str | Path | None, channels: Sequence[str], size: int, grid: int,
+                min_size: int):
     """An xarray image with the model's input channel names: the user's OME-Zarr, else a simulated field."""
     from l2l_scale.io import ome_zarr as oz
 
@@ -63,11 +64,14 @@ def _test_image(loaded, test_image: str | Path | None, channels: Sequence[str], 
         if missing:
             raise ConfigError(f"test image {test_image} has no channel(s) {', '.join(missing)}; pass an image with "
                               f"the model's input channels ({', '.join(channels)})")
-        img = img.sel(c=list(channels))
-        if img.sizes["y"] > size or img.sizes["x"] > size:  # keep the package small: a centre crop
-            y0, x0 = (img.sizes["y"] - size) // 2, (img.sizes["x"] - size) // 2
-            img = img.isel(y=slice(max(0, y0), max(0, y0) + size), x=slice(max(0, x0), max(0, x0) + size))
-        return img.load()
+        img = img.sel(c=list(channels)).isel({d: 0 for d in ("t", "z") if d in img.dims})
+        # a centre crop to whole grid cells keeps the package small and the sizes valid for the network
+        ny, nx = (min(size, img.sizes[d]) // grid * grid for d in ("y", "x"))
+        if min(ny, nx) < min_size:
+            raise ConfigError(f"test image {test_image} is {img.sizes['y']}x{img.sizes['x']} px; the package needs "
+                              f"at least {min_size}x{min_size} (twice the halo plus one grid cell)")
+        y0, x0 = (img.sizes["y"] - ny) // 2, (img.sizes["x"] - nx) // 2
+        return img.isel(y=slice(y0, y0 + ny), x=slice(x0, x0 + nx)).load()
     from l2l_scale.synthetic import simulate
 
     sim = simulate(str((loaded.metadata.get("preset") or "actin")).replace("pxn", "adhesions"), size, seed=7)
@@ -206,10 +210,11 @@ def export_bioimageio(model_dir: str | os.PathLike, output: str | os.PathLike, *
     pct = [float(v) for v in ((meta.get("normalization") or {}).get("percentiles") or DEFAULT_PERCENTILES)]
     grid, halo = spec.grid, spec.halo
     size = max(_MIN_TEST_SIZE, -(-4 * halo // grid) * grid)
+    min_size = grid * -(-(2 * halo + grid) // grid)  # smallest input whose output survives the halo crop
 
     work = Path(tempfile.mkdtemp(prefix=".l2l-bioimageio-", dir=output.parent if output.parent.exists() else None))
     try:
-        img = _test_image(loaded, test_image, in_names, size)
+        img = _test_image(loaded, test_image, in_names, size, grid, min_size)
         y = _run_predict(loaded.path, img, in_names, pct, work)  # (c, y, x), normalised units
         raw = np.asarray(img.values, np.float32)
         x_test = np.moveaxis(raw, 0, -1)[None]  # batch, y, x, channel
@@ -224,7 +229,7 @@ def export_bioimageio(model_dir: str | os.PathLike, output: str | os.PathLike, *
         tf_version = tf.__version__
         lo_hi = np.percentile(raw, pct, axis=(1, 2)).astype(np.float32)  # = scale_range on the test input
         x_norm = (x_test - lo_hi[0]) / (lo_hi[1] - lo_hi[0] + np.float32(1e-20))
-        expected = loaded.predict_batch(x_norm) if x_norm.shape[1] % grid == 0 else None
+        expected = loaded.predict_batch(x_norm)
         weights_kw: dict[str, Any] = {
             "keras_hdf5": bm.KerasHdf5WeightsDescr(source=h5, tensorflow_version=tf_version)}
         if "onnx" in weight_formats:
@@ -238,7 +243,6 @@ def export_bioimageio(model_dir: str | os.PathLike, output: str | os.PathLike, *
 
         in_id, out_id = bm.TensorId("input"), bm.TensorId("output")
         # no physical scale: bioimageio.spec checks halo * scale ratios in float and rejects e.g. 0.045 px sizes
-        min_size = grid * -(-(2 * halo + grid) // grid)
         space_in = [bm.SpaceInputAxis(id=bm.AxisId(a), size=bm.ParameterizedSize(min=min_size, step=grid))
                     for a in ("y", "x")]
         space_out = [bm.SpaceOutputAxisWithHalo(id=ax.id, size=bm.SizeReference(tensor_id=in_id, axis_id=ax.id),
