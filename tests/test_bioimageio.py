@@ -9,6 +9,7 @@ bioimageio.spec/core only read the local zip.
 from __future__ import annotations
 
 import json
+import os
 import zipfile
 
 import numpy as np
@@ -111,6 +112,10 @@ def test_bioimageio_core_test_model(package, weight_format, tmp_path, monkeypatc
     from bioimageio.core import test_model
 
     monkeypatch.chdir(tmp_path)  # bioimageio.core unzips TF weights into ./bioimageio_unzipped_tf_weights
+    # bioimageio.core sets KERAS_BACKEND (default "torch") and TF_ENABLE_ONEDNN_OPTS in os.environ; restore both
+    # afterwards, so later tests' subprocesses still get Keras' TensorFlow backend
+    monkeypatch.setenv("KERAS_BACKEND", "tensorflow")
+    monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", os.environ.get("TF_ENABLE_ONEDNN_OPTS", "1"))
     summary = test_model(package, weight_format=weight_format)
     failed = [d for d in summary.details if d.status == "failed"]
     assert summary.status == "passed", [(d.name, [e.msg for e in d.errors]) for d in failed]
