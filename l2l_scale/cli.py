@@ -194,7 +194,7 @@ def _cmd_export_bioimageio(args: argparse.Namespace) -> int:
 
     out = export_bioimageio(args.model, args.output, authors=args.author or [], license=args.license,
                             name=args.name, description=args.description, test_image=args.test_image,
-                            weights=args.weights, weight_formats=_names(args.weight_formats),
+                            weights=args.weights, weight_formats=_names(args.weight_formats) or ["keras_hdf5"],
                             overwrite=args.overwrite)
     print(f"wrote {out}")
     return 0

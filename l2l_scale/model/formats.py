@@ -257,13 +257,18 @@ def _spec_from_keras_config(h5: Path):
                              probabilistic=softplus is not None, source=h5)
 
 
+def _op(proc) -> str:
+    """A processing step's name: ``id`` in format 0.5, ``name`` in 0.4."""
+    return str(getattr(proc, "id", None) or getattr(proc, "name", "?"))
+
+
 def _bioimageio_metadata(descr, src: Path, digest: str, spec) -> dict:
     from bioimageio.spec.model import v0_5
 
     meta: dict[str, Any] = {"imported_from": {"format": "bioimage.io", "source": str(src), "sha256": digest,
                                               "name": descr.name}}
     inp, out = descr.inputs[0], descr.outputs[0]
-    pre = [p for p in (inp.preprocessing or []) if p.id not in ("ensure_dtype",)]
+    pre = [p for p in (inp.preprocessing or []) if _op(p) != "ensure_dtype"]
     if isinstance(descr, v0_5.ModelDescr):
         names = {}
         for key, tensor in (("input", inp), ("output", out)):
@@ -276,12 +281,12 @@ def _bioimageio_metadata(descr, src: Path, digest: str, spec) -> dict:
         if halos:
             meta["imported_from"]["halo"] = int(max(halos))
     if pre:
-        if pre[0].id != "scale_range" or len(pre) > 1:
-            raise ModelError(f"{src}: unsupported preprocessing {', '.join(p.id for p in pre)}; l2l-scale "
+        if _op(pre[0]) != "scale_range" or len(pre) > 1:
+            raise ModelError(f"{src}: unsupported preprocessing {', '.join(map(_op, pre))}; l2l-scale "
                              "normalises with percentiles (scale_range)")
         kw = pre[0].kwargs
         meta["normalization"] = {"percentiles": [float(kw.min_percentile), float(kw.max_percentile)]}
-    post = [p.id for p in (out.postprocessing or []) if p.id not in ("ensure_dtype",)]
+    post = [_op(p) for p in (out.postprocessing or []) if _op(p) != "ensure_dtype"]
     if post:
         raise ModelError(f"{src}: unsupported postprocessing {', '.join(post)}; l2l-scale writes the network "
                          "output in normalised units")
