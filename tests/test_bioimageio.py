@@ -121,6 +121,27 @@ def test_bioimageio_core_test_model(package, weight_format, tmp_path, monkeypatc
     assert summary.status == "passed", [(d.name, [e.msg for e in d.errors]) for d in failed]
 
 
+def test_bioimageio_core_tiling_equals_predict_inside_the_halo(package, trained, monkeypatch):
+    """bioimageio.core's blocked prediction (whole-sample normalisation, tiles with the package's halo) equals
+    l2l-scale's predict except within one halo of the image border, which it pads symmetrically (CSBDeep and
+    l2l-scale let the convolutions zero-pad there)."""
+    monkeypatch.setenv("KERAS_BACKEND", "tensorflow")
+    from bioimageio.core import create_prediction_pipeline
+    from bioimageio.core.digest_spec import get_test_input_sample, get_test_output_sample
+    from bioimageio.spec import load_model_description
+
+    from l2l_scale.model import read_spec
+
+    descr = load_model_description(package)
+    halo = read_spec(trained[1]).halo
+    want = np.asarray(get_test_output_sample(descr).members["output"].data)[0, ..., 0]
+    with create_prediction_pipeline(descr, weight_format="onnx") as pipeline:
+        got = pipeline.predict_sample_with_blocking(get_test_input_sample(descr))
+    got = np.asarray(got.members["output"].data)[0, ..., 0]
+    inner = (slice(halo, -halo),) * 2
+    np.testing.assert_allclose(got[inner], want[inner], atol=1e-4)
+
+
 def test_export_refuses_bad_inputs(trained, package, capsys):
     model = str(trained[1])
     cases = [
