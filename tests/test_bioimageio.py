@@ -279,7 +279,7 @@ def _export_tf_zip(care, path):
 
 
 @pytest.mark.parametrize("last_activation", ["linear", "relu"])
-def test_csbdeep_export_tf_zip_equals_csbdeep_predict(tmp_path, cache, last_activation):
+def test_csbdeep_export_tf_zip_equals_csbdeep_predict(tmp_path, cache, last_activation, monkeypatch):
     import csbdeep
     from csbdeep.models import CARE, Config
 
@@ -303,3 +303,12 @@ def test_csbdeep_export_tf_zip_equals_csbdeep_predict(tmp_path, cache, last_acti
     lo, hi = np.percentile(raw[0], [2, 99.8])
     assert a == pytest.approx(hi - lo, rel=1e-4) and b == pytest.approx(lo, rel=1e-4, abs=1e-2)
     np.testing.assert_allclose(ours, (ref - b) / a, atol=1e-4)
+    if last_activation == "linear":  # such a zip also becomes a bioimage.io package that test_model accepts
+        from bioimageio.core import test_model
+
+        from l2l_scale.model.bioimageio import export_bioimageio
+
+        pkg = export_bioimageio(zip_path, tmp_path / "care.zip", authors=["A"], weight_formats=["keras_hdf5"])
+        monkeypatch.setenv("KERAS_BACKEND", "tensorflow")
+        monkeypatch.chdir(tmp_path)
+        assert test_model(pkg, weight_format="keras_hdf5").status == "passed"

@@ -149,8 +149,8 @@ def export_bioimageio(model_dir: str | os.PathLike, output: str | os.PathLike, *
     Parameters
     ----------
     model_dir : path
-        Model folder written by ``l2l-scale train`` (or a CSBDeep CARE folder; channel names then default to
-        ``channel0, ...`` and the percentiles to CSBDeep's 2, 99.8).
+        Model folder written by ``l2l-scale train``, or a CSBDeep CARE folder or ``export_TF`` zip (channel
+        names then default to ``channel0, ...`` and the percentiles to CSBDeep's 2, 99.8).
     output : path
         The ``.zip`` to write.
     authors : sequence of str
@@ -203,8 +203,13 @@ def export_bioimageio(model_dir: str | os.PathLike, output: str | os.PathLike, *
     if unknown:
         raise ConfigError(f"unknown weight format(s) {', '.join(unknown)}; use {', '.join(WEIGHT_FORMATS)}")
 
-    loaded = load_model(model_dir, weights)
+    from l2l_scale.model.formats import resolve_model
+
+    loaded = load_model(resolve_model(model_dir), weights)  # a CSBDeep export_TF zip re-exports too
     spec, meta = loaded.spec, loaded.metadata
+    if spec.probabilistic:
+        raise ModelError(f"{model_dir} is a probabilistic CARE model (mean and scale outputs); export-bioimageio "
+                         "writes single-output models only, export a non-probabilistic one")
     in_names = list((meta.get("channels") or {}).get("input") or [f"channel{i}" for i in range(spec.n_channel_in)])
     out_names = _output_names(in_names, meta, spec)
     pct = [float(v) for v in ((meta.get("normalization") or {}).get("percentiles") or DEFAULT_PERCENTILES)]

@@ -326,6 +326,9 @@ def _from_savedmodel(src: Path, work: Path, out: Path, digest: str) -> None:
         node = by_name.get(node.input[0].split(":")[0])
     last = "relu" if node is not None and node.op == "Relu" else "linear"
     probabilistic = bool(meta_tf.get("probabilistic", bool(softplus)))
+    if probabilistic and len(softplus) != 1:
+        raise ModelError(f"{src}: a probabilistic CARE model needs one softplus scale convolution, found "
+                         f"{len(softplus)}; not a CSBDeep CARE graph")
     spec = _spec_from_layers(convs, heads[0], residual=residual, last_activation=last,
                              probabilistic=probabilistic, source=src)
     from l2l_scale.model.unet import _layer_plan, build_unet
