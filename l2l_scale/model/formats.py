@@ -196,11 +196,10 @@ def _from_bioimageio(src: Path, work: Path, out: Path, digest: str) -> None:
     if len(descr.inputs) != 1 or len(descr.outputs) != 1:
         raise ModelError(f"{src}: {len(descr.inputs)} inputs and {len(descr.outputs)} outputs are not supported; "
                          "l2l-scale runs single-input, single-output CARE U-Nets")
-    h5 = folder / str(descr.weights.keras_hdf5.source.path if hasattr(descr.weights.keras_hdf5.source, "path")
-                      else descr.weights.keras_hdf5.source)
-    attached = [folder / Path(str(getattr(a, "source", a))).name for a in (descr.attachments or [])] \
-        if isinstance(descr, v0_5.ModelDescr) else []
-    config = next((a for a in attached if a.name == "config.json" and a.is_file()), None)
+    h5 = _local_file(folder, descr.weights.keras_hdf5.source, src)
+    attached = [_local_file(folder, a.source, src) for a in descr.attachments] if isinstance(descr, v0_5.ModelDescr) \
+        else []
+    config = next((a for a in attached if a.name == "config.json"), None)
     from l2l_scale.model.unet import _check_h5, build_unet, read_spec
 
     _check_h5(h5)  # refuses Lambda layers and custom objects before anything is built
@@ -219,6 +218,17 @@ def _from_bioimageio(src: Path, work: Path, out: Path, digest: str) -> None:
                          "re-export the package") from exc
     meta = _bioimageio_metadata(descr, src, digest, spec)
     _export(model, spec, out, meta)
+
+
+def _local_file(folder: Path, source: Any, src: Path) -> Path:
+    """A package file as a local path; sources given as URLs are refused (nothing is downloaded)."""
+    text = str(source)
+    if "://" in text:
+        raise ModelError(f"{src}: {text} is a URL; l2l-scale downloads nothing, put the file into the package")
+    path = folder / text
+    if not path.is_file():
+        raise ModelError(f"{src}: the package lists {text} but does not hold it; re-create the package")
+    return path
 
 
 def _spec_from_keras_config(h5: Path):
