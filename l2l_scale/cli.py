@@ -189,6 +189,17 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export_bioimageio(args: argparse.Namespace) -> int:
+    from l2l_scale.model.bioimageio import export_bioimageio
+
+    out = export_bioimageio(args.model, args.output, authors=args.author or [], license=args.license,
+                            name=args.name, description=args.description, test_image=args.test_image,
+                            weights=args.weights, weight_formats=_names(args.weight_formats) or ["keras_hdf5"],
+                            overwrite=args.overwrite)
+    print(f"wrote {out}")
+    return 0
+
+
 def _cmd_patches(args: argparse.Namespace) -> int:
     from l2l_scale.patches import create_patches
 
@@ -401,8 +412,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     _cluster_args(p)
 
+    p = add("export-bioimageio", _cmd_export_bioimageio,
+            "write a bioimage.io model package (format 0.5 zip: keras_hdf5, onnx and TF SavedModel weights)")
+    p.add_argument("model", help="model folder from 'l2l-scale train' (or a CSBDeep CARE folder)")
+    p.add_argument("output", help="output .zip")
+    p.add_argument("--author", action="append", help="author name (repeat for several; at least one)")
+    p.add_argument("--license", default="CC-BY-4.0", help="SPDX license of the weights (default CC-BY-4.0)")
+    p.add_argument("--name", help="package name (default from the channels)")
+    p.add_argument("--description", help="one-paragraph description (default from the training)")
+    p.add_argument("--test-image", help="OME-Zarr image with the model's input channels for the test tensors "
+                                        "(default: a simulated field)")
+    p.add_argument("--weights", help="weights file name in the model folder (default weights_best.h5)")
+    p.add_argument("--weight-formats", default="keras_hdf5,onnx,tensorflow_saved_model_bundle",
+                   help="comma-separated weight formats (default all three; keras_hdf5 is always written)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing zip")
+
     p = add("predict", _cmd_predict, "restore an image, plate or folder with a CARE/L2L model (tiled, distributed)")
-    p.add_argument("model", help="CSBDeep/l2l-scale model folder (config.json + weights_*.h5)")
+    p.add_argument("model", help="CSBDeep/l2l-scale model folder (config.json + weights_*.h5), bioimage.io "
+                                 "package (zip or folder) or CSBDeep export_TF SavedModel zip")
     p.add_argument("input", help="OME-Zarr image, plate or folder")
     p.add_argument("output", help="output .zarr")
     p.add_argument("--channel", help="input channel name(s), one per model input channel, comma-separated "

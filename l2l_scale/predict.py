@@ -258,7 +258,8 @@ def predict(model: str | Path, input: str | Path, output: str | Path, *, channel
     ----------
     model : path
         CSBDeep model folder (``config.json`` + ``weights_best.h5``/``weights_last.h5``, optional
-        ``l2l_scale.json``).
+        ``l2l_scale.json``), a bioimage.io package (zip or folder, keras_hdf5 weights of a CARE U-Net) or a
+        CSBDeep ``export_TF`` SavedModel zip (see :func:`l2l_scale.model.formats.resolve_model`).
     input, output : path
         Input dataset (never opened for writing) and output ``.zarr``; a plate gives a plate with the same layout,
         a folder a folder of images.
@@ -292,7 +293,9 @@ def predict(model: str | Path, input: str | Path, output: str | Path, *, channel
     from l2l_scale.model import sha256_file
     from l2l_scale.preprocess.normalize import parse_percentiles
 
-    model_dir, input_path, output = Path(model), Path(input), Path(output)
+    from l2l_scale.model.formats import resolve_model
+
+    model_dir, input_path, output = resolve_model(model), Path(input), Path(output)  # packages -> a model folder
     if dtype not in ("float32", "uint16"):
         raise ConfigError(f"dtype {dtype!r} is not supported; use float32 or uint16")
     if norm_scope not in ("image", "dataset"):

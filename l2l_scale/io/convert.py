@@ -198,7 +198,8 @@ def _open_meta(path: Path) -> _Meta:
         raise
     except tifffile.TiffFileError as exc:
         if "not a tiff" in str(exc).lower():
-            raise InputError(f"{path}: not a TIFF file; give TIFF or OME-TIFF files, or remove it from the inputs") from None
+            raise InputError(f"{path}: not a TIFF file; give TIFF/OME-TIFF, CZI/ND2/LIF (pip install "
+                             "'l2l-scale[formats]') or convert other formats with bioformats2raw") from None
         raise InputError(f"{path}: unreadable TIFF ({_one_line(exc)}); the file is corrupt, copy or export it again") from None
     except (OSError, MemoryError) as exc:
         raise InputError(f"{path}: cannot read ({_one_line(exc)}); check the file and its permissions") from None
@@ -630,7 +631,7 @@ def convert(inputs: Sequence[str | Path] | str | Path, output: str | Path, *, pl
             axes: str | None = None, pixel_size: float | tuple | Mapping | None = None,
             channel_names: Sequence[str] | None = None, chunks: int | None = None,
             overwrite: bool = False) -> list[Path]:
-    """Convert TIFF / OME-TIFF files to NGFF 0.5 OME-Zarr.
+    """Convert TIFF / OME-TIFF (and CZI/ND2/LIF, :mod:`l2l_scale.io.vendor`) files to NGFF 0.5 OME-Zarr.
 
     Parameters
     ----------
@@ -666,7 +667,10 @@ def convert(inputs: Sequence[str | Path] | str | Path, output: str | Path, *, pl
     params = {"axes": axes, "pixel_size": pixel_size, "channel_names": channel_names, "chunks": chunks,
               "plate": plate}
     # Open every file first: a bad file among hundreds fails in seconds, not after hours of writing.
-    images = [read_tiff(f, axes=axes, pixel_size=pixel_size, channel_names=channel_names, chunks=chunks)
+    from l2l_scale.io.vendor import is_vendor_file, read_vendor
+
+    images = [read_vendor(f, pixel_size=pixel_size, channel_names=channel_names, chunks=chunks) if is_vendor_file(f)
+              else read_tiff(f, axes=axes, pixel_size=pixel_size, channel_names=channel_names, chunks=chunks)
               for f in files]
     write_kw = {"chunks": chunks, "overwrite": overwrite, "inputs": files}
 
