@@ -35,6 +35,7 @@ import numpy as np
 import zarr
 
 from l2l_scale.errors import ChannelError, ConfigError, InputError, OutputError
+from l2l_scale.io import journal
 from l2l_scale.io import ome_zarr as oz
 
 DEFAULT_PERCENTILES = (2.0, 99.8)  # csbdeep.data.PercentileNormalizer defaults
@@ -126,8 +127,11 @@ def _worker_threads() -> int:
         return os.cpu_count() or 1
 
 
-def _predict_block(task: dict) -> int:
-    """Read one output block plus halo, normalise, run the model tile by tile, crop, write, mark done."""
+def _predict_block(task: dict, plane: dict, region: tuple, record: tuple[str, str] | None) -> int:
+    """Read one output block plus halo, normalise, run the model tile by tile, crop, write, record it.
+
+    ``task`` is shared by every block of the image; ``plane`` (t/z indices) and ``region`` pick the block.
+    """
     from l2l_scale.model import configure_tf_threads, get_cached_model
 
     configure_tf_threads(_worker_threads())
@@ -137,14 +141,14 @@ def _predict_block(task: dict) -> int:
     (H, W), grid = task["hw"], task["grid"]
     pad_y, pad_x = _pad_split(H, grid), _pad_split(W, grid)
     (ay, ax), Hp, Wp = (pad_y[0], pad_x[0]), H + sum(pad_y), W + sum(pad_x)
-    oy0, oy1, ox0, ox1 = task["region"]
+    oy0, oy1, ox0, ox1 = region
     ty = _spans(oy0 + ay, oy1 + ay, task["tile"], task["halo"], grid, Hp)
     tx = _spans(ox0 + ax, ox1 + ax, task["tile"], task["halo"], grid, Wp)
     # Read the union of all tiles' inputs once, mapping padded coords back into the image by reflection.
     y_idx = _reflect_index(np.arange(ty[0][2], ty[-1][3]) - ay, H)
     x_idx = _reflect_index(np.arange(tx[0][2], tx[-1][3]) - ax, W)
     ylo, yhi, xlo, xhi = int(y_idx.min()), int(y_idx.max()) + 1, int(x_idx.min()), int(x_idx.max()) + 1
-    raw = np.stack([oz.read_region(src, _index(task["src_dims"], task["plane"], c, slice(ylo, yhi), slice(xlo, xhi)),
+    raw = np.stack([oz.read_region(src, _index(task["src_dims"], plane, c, slice(ylo, yhi), slice(xlo, xhi)),
                                    task["input"]) for c in task["channels"]], axis=-1)
     raw = raw[y_idx - ylo][:, x_idx - xlo]
     if raw.dtype.kind == "f" and not np.isfinite(raw).all():
@@ -171,11 +175,10 @@ def _predict_block(task: dict) -> int:
     if task["uint16"]:
         scale, offset = task["uint16"]
         result = np.clip(np.rint((result - offset) / scale), 0, 65535).astype(np.uint16)
-    dst[_index(task["dst_dims"], task["plane"], slice(None), slice(oy0, oy1), slice(ox0, ox1))] = \
+    dst[_index(task["dst_dims"], plane, slice(None), slice(oy0, oy1), slice(ox0, ox1))] = \
         np.moveaxis(result, -1, 0)
-    if task["marker"]:
-        Path(task["marker"]).parent.mkdir(parents=True, exist_ok=True)
-        Path(task["marker"]).touch()
+    if record is not None:
+        journal.record(*record)
     return 1
 
 
@@ -251,7 +254,7 @@ def predict(model: str | Path, input: str | Path, output: str | Path, *, channel
             tile: int | None = None, batch: int | None = None, dtype: str = "float32",
             percentiles: str | Sequence[float] | None = None, norm_stats: str | None = None,
             norm_scope: str = "image", weights: str | None = None, resume: bool = False, overwrite: bool = False,
-            chunks: int | None = None, halo: int | None = None) -> Path:
+            chunks: int | None = None, halo: int | None = None, dry_run: bool = False) -> Path | dict:
     """Restore an OME-Zarr image, plate or folder with a CARE/L2L model, tile by tile on the Dask cluster.
 
     Parameters
@@ -282,11 +285,14 @@ def predict(model: str | Path, input: str | Path, output: str | Path, *, channel
         Output chunk side (default: the tile size). Each task computes one chunk.
     halo : int, optional
         Halo in pixels, at least the receptive field (the default, computed from the architecture).
+    dry_run : bool
+        Validate everything and build the whole task graph, wave by wave, without computing or writing
+        anything; return ``{"images", "blocks", "tasks"}`` instead of the output path.
 
     Returns
     -------
-    Path
-        The output path.
+    Path or dict
+        The output path (a dict with ``dry_run``).
     """
     from l2l_scale.cluster import compute_with_progress, current_client, worker_resources
     from l2l_scale.model import sha256_file
@@ -327,6 +333,66 @@ def predict(model: str | Path, input: str | Path, output: str | Path, *, channel
     client = current_client()
     resources = {"GPU": 1} if worker_resources(client).get("GPU") else None
 
+    def units(tmp: Path, writer: Any, dry: bool):
+        """Per image: create its output group, then yield its block, pyramid and finishing tasks."""
+        from dask import delayed
+
+        for ref in refs:
+            img, lo_hi = images[ref.key], norm[ref.key]
+            gpath = _out_group_path(tmp, ref, kind)
+            dims = tuple(img.dims)
+            out_shape = tuple(spec.n_channel_out if d == "c" else n for d, n in zip(dims, img.shape))
+            out_chunks = oz.default_chunks(out_shape, dims, chunk)
+            if dry:
+                plans = [oz.LevelPlan(str(i), s, tuple(min(c, n) for c, n in zip(out_chunks, s)))
+                         for i, s in enumerate(oz.pyramid_shapes(out_shape, dims))]
+            elif resume and (gpath / "zarr.json").exists() and "ome" in zarr.open_group(str(gpath), mode="r").attrs:
+                _, plans = oz.reopen_image_group(gpath)
+            else:
+                prov = oz.provenance(params, str(ref.path), model=model_prov,
+                                     normalization={"percentiles": list(q), "scope": norm_scope,
+                                                    "values": {ch: list(v) for ch, v in lo_hi.items()},
+                                                    "output_units": "normalised (input percentiles -> 0, 1)"},
+                                     **uint16_prov)
+                # The root image of a single-image output holds the progress folder: open it without clearing.
+                group = zarr.open_group(str(gpath), mode="a" if gpath == tmp else "w", zarr_format=3)
+                plans = oz.create_image_group(group, dims, out_shape, np.dtype(dtype), out_chunks,
+                                              img.attrs["pixel_size"], out_names,
+                                              name=gpath.name.removesuffix(".zarr"),
+                                              attrs_extra={"l2l_scale": prov}, fill_value=0)
+            image = writer.image(ref.key, gpath, plans, dims, out_names)
+            # One shared description per image: each block task carries only its plane and region.
+            ctx = delayed({"model": str(model_dir), "weights": weights_file.name, "input": str(ref.path),
+                           "src_store": str(ref.path), "src_path": img.attrs["array"], "src_dims": dims,
+                           "dst_store": str(gpath), "dst_dims": dims,
+                           "channels": [[str(c) for c in img.coords["c"].values].index(c) for c in in_names],
+                           "lo": [lo_hi[c][0] for c in in_names], "hi": [lo_hi[c][1] for c in in_names],
+                           "hw": (img.sizes["y"], img.sizes["x"]), "grid": plan.grid, "tile": plan.tile,
+                           "halo": plan.halo, "batch": plan.batch, "n_out": spec.n_channel_out, "uint16": uint16})
+            _add_blocks(image, img, dims, plans[0], ctx)
+            yield image.tasks()
+
+    if dry_run:
+        from dask.base import collections_to_expr
+
+        from l2l_scale.cluster import WAVE_TASKS
+        from l2l_scale.io.blockwrite import BlockWriter
+
+        writer, n_tasks, wave = BlockWriter(None), 0, []
+        for tasks in units(output, writer, True):
+            wave.extend(tasks)
+            if len(wave) >= WAVE_TASKS:
+                n_tasks += len(collections_to_expr(wave).__dask_graph__())
+                wave = []
+        n_tasks += len(collections_to_expr(wave).__dask_graph__()) if wave else 0
+        return {"images": len(refs), "blocks": writer.total, "tasks": n_tasks}
+
+    from l2l_scale.cluster import compute_waves
+    from l2l_scale.io.blockwrite import BlockWriter
+
+    model_prov = {"path": str(model_dir.resolve()), "weights": weights_file.name, "sha256": checksum, "metadata": meta}
+    uint16_prov = ({"uint16": {"scale": uint16[0], "offset": uint16[1], "meaning": "value = stored * scale + offset"}}
+                   if uint16 else {})
     with oz.atomic_output(output, overwrite=overwrite, resume=resume, inputs=[input_path]) as tmp:
         progress = tmp / oz.PROGRESS_DIR
         run_file = progress / "run.json"
@@ -344,79 +410,27 @@ def predict(model: str | Path, input: str | Path, output: str | Path, *, channel
                 layout.setdefault((r, c), []).append(f)
             root = zarr.open_group(str(tmp), mode="a", zarr_format=3)
             oz.write_plate_layout(root, layout, name=output.name.removesuffix(".zarr"))
-
-        groups, tasks, total = [], [], 0
-        for ref in refs:
-            img = images[ref.key]
-            lo_hi = norm[ref.key]
-            prov = oz.provenance(params, str(ref.path), model={"path": str(model_dir.resolve()),
-                                                              "weights": weights_file.name, "sha256": checksum,
-                                                              "metadata": meta},
-                                 normalization={"percentiles": list(q), "scope": norm_scope,
-                                                "values": {ch: list(v) for ch, v in lo_hi.items()},
-                                                "output_units": "normalised (input percentiles -> 0, 1)"},
-                                 **({"uint16": {"scale": uint16[0], "offset": uint16[1],
-                                                "meaning": "value = stored * scale + offset"}} if uint16 else {}))
-            gpath = _out_group_path(tmp, ref, kind)
-            dims = tuple(img.dims)
-            out_shape = tuple(spec.n_channel_out if d == "c" else n for d, n in zip(dims, img.shape))
-            if resume and (gpath / "zarr.json").exists():
-                group, plans = oz.reopen_image_group(gpath)
-            else:
-                group = zarr.open_group(str(gpath), mode="w", zarr_format=3)
-                plans = oz.create_image_group(
-                    group, dims, out_shape, np.dtype(dtype), oz.default_chunks(out_shape, dims, chunk),
-                    img.attrs["pixel_size"], out_names, name=gpath.name.removesuffix(".zarr"),
-                    attrs_extra={"l2l_scale": prov}, fill_value=0)
-            groups.append((ref, group, plans, dims, out_names))
-            tasks_img, n_img = _block_tasks(img, ref, dims, gpath, plans[0], model_dir, weights_file, in_names, lo_hi,
-                                            plan, spec, uint16, progress / "blocks" / (ref.key or "image"))
-            tasks += tasks_img
-            total += n_img
-        # Recorded after the groups exist: creating the root image group clears the folder it lives in.
+        elif kind == "image" and not (resume and (tmp / "zarr.json").exists()):
+            zarr.open_group(str(tmp), mode="w", zarr_format=3)  # clears the folder before the records go in
         progress.mkdir(parents=True, exist_ok=True)
         run_file.write_text(json.dumps(run, indent=2))
-        if tasks:
-            from dask import delayed
-
-            compute_with_progress([delayed(_predict_block, pure=False)(t) for t in tasks],
-                                  f"predicting {len(tasks)} blocks", resources=resources)
-        print(f"computed {len(tasks)} of {total} blocks" + (f" ({total - len(tasks)} were already finished)"
-                                                           if total > len(tasks) else ""))
-        for ref, group, plans, dims, names in groups:
-            oz.write_lower_levels(group, plans, dims, done_dir=progress / "levels" / (ref.key or "image"),
-                                  label=f"pyramid {ref.key}".rstrip())
-            oz.finish_image_group(group, dims, names)
+        writer = BlockWriter(progress)
+        compute_waves(units(tmp, writer, False), "predicting blocks", n_units=len(refs),
+                      unit_name="fields" if kind == "plate" else "images", resources=resources)
+        total, computed = writer.total, writer.pending
+        print(f"computed {computed} of {total} blocks" + (f" ({total - computed} were already finished)"
+                                                          if total > computed else ""))
     return output
 
 
-def _block_tasks(img: Any, ref: Any, dims: tuple, gpath: Path, level0: Any, model_dir: Path, weights_file: Path,
-                 channels: list[str], lo_hi: dict, plan: TilePlan, spec: Any, uint16: Any,
-                 done_dir: Path) -> tuple[list[dict], int]:
-    """One task description per output chunk (per t/z plane) that has no completion marker yet."""
+def _add_blocks(image: Any, img: Any, dims: tuple, level0: Any, ctx: Any) -> None:
+    """One task per output chunk (per t/z plane) of level 0; finished ones are skipped by ``image``."""
     H, W = img.sizes["y"], img.sizes["x"]
-    src_store, src_path = str(ref.path), img.attrs["array"]
-    c_names = [str(c) for c in img.coords["c"].values]
     plane_dims = [d for d in dims if d in ("t", "z")]
     cy, cx = level0.chunks[dims.index("y")], level0.chunks[dims.index("x")]
-    tasks, total = [], 0
     for plane_idx in np.ndindex(*[img.sizes[d] for d in plane_dims]):
         plane = dict(zip(plane_dims, map(int, plane_idx)))
         for by, y0 in enumerate(range(0, H, cy)):
             for bx, x0 in enumerate(range(0, W, cx)):
-                total += 1
-                marker = done_dir / ".".join(map(str, (*plane_idx, by, bx)))
-                if marker.exists():
-                    continue
-                tasks.append({
-                    "model": str(model_dir), "weights": weights_file.name, "input": str(ref.path),
-                    "src_store": src_store, "src_path": src_path, "src_dims": dims,
-                    "dst_store": str(gpath), "dst_dims": dims, "plane": plane,
-                    "channels": [c_names.index(c) for c in channels],
-                    "lo": [lo_hi[c][0] for c in channels], "hi": [lo_hi[c][1] for c in channels],
-                    "hw": (H, W), "grid": plan.grid,
-                    "tile": plan.tile, "halo": plan.halo, "batch": plan.batch, "n_out": spec.n_channel_out,
-                    "region": (y0, min(y0 + cy, H), x0, min(x0 + cx, W)), "uint16": uint16,
-                    "marker": str(marker),
-                })
-    return tasks, total
+                image.add_block(plane_idx, by, bx, _predict_block, ctx, plane,
+                                (y0, min(y0 + cy, H), x0, min(x0 + cx, W)))

@@ -14,6 +14,7 @@ import xarray as xr
 import zarr
 
 from l2l_scale.errors import ChannelError, InputError, OutputError
+from l2l_scale.io import blockwrite as bw
 from l2l_scale.io import ome_zarr as oz
 
 
@@ -162,7 +163,7 @@ def _fail_once_a_write_runs(block, block_info=None):
     return block
 
 
-def _slow_first_write(block, target, region, marker, _write=oz._write_block):
+def _slow_first_write(block, target, region, marker, _write=bw.write_block):
     if all(r.start == 0 for r in region):
         _WRITE_RUNNING.set()
         time.sleep(1.0)  # still writing when block (1, 1) fails
@@ -174,7 +175,7 @@ def test_failed_write_waits_for_running_writes_before_cleaning_up(tmp_path, monk
     """A chunk write still running when another block fails must not recreate the removed output afterwards."""
     import contextlib
 
-    monkeypatch.setattr(oz, "_write_block", _slow_first_write)
+    monkeypatch.setattr(bw, "write_block", _slow_first_write)
     _WRITE_RUNNING.clear()
     arr = da.ones((256, 256), chunks=(128, 128), dtype=np.uint16).map_blocks(_fail_once_a_write_runs, dtype=np.uint16)
     if scheduler == "threads":

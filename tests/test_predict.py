@@ -17,6 +17,7 @@ import xarray as xr
 import zarr
 
 from l2l_scale.errors import ChannelError, ConfigError, InputError, ModelError, OutputError
+from l2l_scale.io import blockwrite as bw
 from l2l_scale.io import ome_zarr as oz
 from l2l_scale.predict import TilePlan, _pad_split, _reflect_index, predict
 
@@ -181,13 +182,13 @@ def test_resume_after_kill_is_bit_identical(models, tmp_path):
     out = tmp_path / "resumed.zarr"
     proc = subprocess.Popen([sys.executable, "-m", "l2l_scale.cli", "predict", str(mdir), str(src), str(out),
                              *common], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    blocks = oz.partial_path(out) / oz.PROGRESS_DIR / "blocks" / "image"
+    progress = oz.partial_path(out) / oz.PROGRESS_DIR
     deadline = time.time() + 300
-    while time.time() < deadline and (not blocks.exists() or len(list(blocks.iterdir())) < 10):
+    while time.time() < deadline and len(bw.recorded(progress, "0")) < 10:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    finished = len(list(blocks.iterdir()))
+    finished = len(bw.recorded(progress, "0"))
     assert 10 <= finished < 64, "the run must be interrupted part-way"
     assert not out.exists()
     again = _cli("predict", mdir, src, out, *common)

@@ -569,17 +569,6 @@ def _compressor() -> BloscCodec:
     return BloscCodec(cname="zstd", clevel=5, shuffle=BloscShuffle.shuffle)
 
 
-def _downsample(src: da.Array, dims: Sequence[str], chunks: tuple[int, ...]) -> da.Array:
-    axes = {i: 2 for i, d in enumerate(dims) if d in ("y", "x")}
-    work = src.astype(np.float64) if src.dtype.kind != "f" else src
-    down = da.coarsen(np.mean, work, axes, trim_excess=True)
-    if src.dtype.kind in "ui":
-        info = np.iinfo(src.dtype)
-        down = da.clip(da.round(down), info.min, info.max)
-    down = down.astype(src.dtype)
-    return down.rechunk(tuple(min(c, n) for c, n in zip(chunks, down.shape)))
-
-
 @dataclass
 class LevelPlan:
     path: str
@@ -595,7 +584,7 @@ def create_image_group(group: zarr.Group, dims, shape, dtype, chunks, pixel_size
         lchunks = tuple(min(c, n) for c, n in zip(chunks, lshape))
         group.create_array(
             str(level), shape=lshape, dtype=dtype, chunks=lchunks, compressors=[_compressor()],
-            dimension_names=list(dims), fill_value=fill_value,
+            dimension_names=list(dims), fill_value=fill_value, overwrite=True,
         )
         plans.append(LevelPlan(str(level), lshape, lchunks))
     ms = {
@@ -627,70 +616,6 @@ def finish_image_group(group: zarr.Group, dims, channel_names) -> None:
     top = group[ome["multiscales"][0]["datasets"][-1]["path"]][...]
     ome["omero"] = _omero(channel_names, display_windows(top, dims))
     group.attrs["ome"] = ome
-
-
-def _block_marker(done_dir: Path, level: str, index: tuple[int, ...]) -> Path:
-    return done_dir / level / ".".join(map(str, index))
-
-
-def _write_block(block: np.ndarray, target: zarr.Array, region: tuple[slice, ...], marker: str | None) -> int:
-    target[region] = block
-    if marker is not None:
-        # The marker is written only after the chunk is on disk: a crash between the two recomputes the block.
-        Path(marker).parent.mkdir(parents=True, exist_ok=True)
-        Path(marker).touch()
-    return 1
-
-
-def store_blocks(arr: da.Array, target: zarr.Array, *, done_dir: Path | None = None, level: str = "0",
-                 label: str = "writing") -> int:
-    """Write a dask array into a zarr array block by block, optionally recording finished blocks.
-
-    ``arr`` is rechunked to the target's chunk grid, so every task writes whole zarr chunks and no two tasks
-    touch the same chunk: no locks are needed and memory is bounded by chunk size x workers. With ``done_dir``
-    a marker is written after each block's data, and blocks that already have a marker are skipped (their
-    upstream tasks are never computed).
-
-    Returns
-    -------
-    int
-        The number of blocks computed and written in this call.
-    """
-    from dask import delayed
-
-    from l2l_scale.cluster import compute_with_progress
-
-    if tuple(arr.shape) != tuple(target.shape):
-        raise ValueError(f"array shape {arr.shape} != target shape {target.shape}")
-    arr = arr.rechunk(target.chunks)
-    blocks = arr.to_delayed()
-    starts = [np.cumsum((0,) + c[:-1]) for c in arr.chunks]
-    tasks = []
-    for index in np.ndindex(*blocks.shape):
-        marker = _block_marker(done_dir, level, index) if done_dir is not None else None
-        if marker is not None and marker.exists():
-            continue
-        region = tuple(slice(int(s[i]), int(s[i]) + c[i]) for s, c, i in zip(starts, arr.chunks, index))
-        tasks.append(delayed(_write_block, pure=False)(blocks[index], target, region,
-                                                      str(marker) if marker is not None else None))
-    if tasks:
-        compute_with_progress(tasks, label)
-    return len(tasks)
-
-
-def write_lower_levels(group: zarr.Group, plans: list[LevelPlan], dims: Sequence[str], *,
-                       done_dir: Path | None = None, label: str = "pyramid") -> int:
-    """Fill pyramid levels 1.. of an image group, each as the 2x mean of the previous level on disk.
-
-    Reading the previous level back from disk means the expensive graph that produced level 0 runs exactly once,
-    and each task only needs two chunk's worth of memory.
-    """
-    n = 0
-    for prev, plan in zip(plans[:-1], plans[1:]):
-        src = da.from_zarr(group[prev.path])
-        n += store_blocks(_downsample(src, dims, plan.chunks), group[plan.path], done_dir=done_dir,
-                          level=plan.path, label=f"{label} (level {plan.path})")
-    return n
 
 
 def partial_path(path: Path) -> Path:
@@ -760,12 +685,18 @@ def atomic_output(path: str | Path, *, overwrite: bool = False, resume: bool = F
             raise
 
 
-def _image_group_write(root: Path, data: Any, *, dims, pixel_size, channel_names, chunks, name, attrs_extra,
-                       resume: bool, done_dir: Path, label: str, top_max: int) -> int:
+def image_write_tasks(root: Path, data: Any, writer: Any, *, unit: str = "", dims=None, pixel_size=None,
+                      channel_names=None, chunks=None, name=None, attrs_extra=None, resume: bool = False,
+                      top_max: int = TOP_LEVEL_MAX) -> list:
+    """Create (or, resuming, reopen) the image group at ``root`` and return the tasks that fill it.
+
+    ``writer`` is the run's :class:`~l2l_scale.io.blockwrite.BlockWriter`; ``unit`` names the image in its
+    completion records. The tasks write every pyramid level and the display windows, and are meant to be
+    computed together with those of the run's other images (:func:`l2l_scale.cluster.compute_waves`).
+    """
     arr, dims, pixel_size, channel_names = _normalise_input(data, dims, pixel_size, channel_names)
     wchunks = default_chunks(arr.shape, dims, chunks)
-    done_dir = done_dir if resume else None
-    if resume and (root / "zarr.json").exists():
+    if resume and (root / "zarr.json").exists() and "ome" in zarr.open_group(str(root), mode="r").attrs:
         group, plans = reopen_image_group(root)
         if plans[0].shape != tuple(arr.shape):
             raise OutputError(f"{root}: the unfinished output has shape {plans[0].shape}, not {arr.shape}; "
@@ -774,12 +705,9 @@ def _image_group_write(root: Path, data: Any, *, dims, pixel_size, channel_names
         group = zarr.open_group(str(root), mode="w", zarr_format=3)
         plans = create_image_group(group, dims, arr.shape, arr.dtype, wchunks, pixel_size, channel_names,
                                    name=name, attrs_extra=attrs_extra, top_max=top_max)
-    n = store_blocks(arr, group[plans[0].path], done_dir=done_dir, level=plans[0].path, label=label)
-    n += write_lower_levels(group, plans, dims, done_dir=done_dir, label=label)
-    finish_image_group(group, dims, channel_names)
-    if attrs_extra:
-        group.attrs.update(attrs_extra)
-    return n
+    image = writer.image(unit, root, plans, dims, channel_names, attrs_extra)
+    image.add_array(arr)
+    return image.tasks()
 
 
 def write_image(data: Any, path: str | Path, *, dims: Sequence[str] | None = None, pixel_size: Any = None,
@@ -816,12 +744,17 @@ def write_image(data: Any, path: str | Path, *, dims: Sequence[str] | None = Non
     Path
         The finished output path.
     """
+    from l2l_scale.cluster import compute_waves
+    from l2l_scale.io.blockwrite import BlockWriter
+
     path = Path(path)
     extra = {"l2l_scale": dict(provenance)} if provenance else None
     with atomic_output(path, overwrite=overwrite, resume=resume, inputs=inputs) as tmp:
-        _image_group_write(tmp, data, dims=dims, pixel_size=pixel_size, channel_names=channel_names, chunks=chunks,
-                           name=name or path.name.removesuffix(".zarr"), attrs_extra=extra, resume=resume,
-                           done_dir=tmp / PROGRESS_DIR, label=label, top_max=top_max)
+        writer = BlockWriter(tmp / PROGRESS_DIR if resume else None)
+        tasks = image_write_tasks(tmp, data, writer, dims=dims, pixel_size=pixel_size, channel_names=channel_names,
+                                  chunks=chunks, name=name or path.name.removesuffix(".zarr"), attrs_extra=extra,
+                                  resume=resume, top_max=top_max)
+        compute_waves([tasks], label, n_units=1, unit_name="images")
     return path
 
 
@@ -869,9 +802,12 @@ def write_plate(fields: Mapping[tuple[str, str | int] | str, Any], path: str | P
                 inputs: Sequence[str | Path] = (), label: str = "writing plate", **image_kwargs: Any) -> Path:
     """Write an HCS plate (NGFF 0.5): ``{(well, field): image}`` or ``{"A/1/0": image}``.
 
-    Every field is written with :func:`write_image`'s pyramid layout inside ``row/column/field``; the whole
-    plate appears at ``path`` only when every field is complete.
+    Every field is written with :func:`write_image`'s pyramid layout inside ``row/column/field``, all fields
+    and levels in one run; the whole plate appears at ``path`` only when every field is complete.
     """
+    from l2l_scale.cluster import compute_waves
+    from l2l_scale.io.blockwrite import BlockWriter
+
     path = Path(path)
     layout: dict[tuple[str, str], dict[str, Any]] = {}
     for key, img in fields.items():
@@ -885,13 +821,12 @@ def write_plate(fields: Mapping[tuple[str, str | int] | str, Any], path: str | P
         root = zarr.open_group(str(tmp), mode="a" if resume else "w", zarr_format=3)
         write_plate_layout(root, {(r, c): sorted(f, key=int) for (r, c), f in layout.items()},
                            name=name or path.name.removesuffix(".zarr"), attrs_extra=extra)
-        for (r, c), flds in sorted(layout.items()):
-            for f, img in sorted(flds.items(), key=lambda kv: int(kv[0])):
-                _image_group_write(tmp / r / c / f, img, name=f"{r}{c}-{f}", attrs_extra=extra or None,
-                                   resume=resume, done_dir=tmp / PROGRESS_DIR / r / c / f,
-                                   label=f"{label} {r}/{c}/{f}",
-                                   **{"dims": None, "pixel_size": None, "channel_names": None, "chunks": None,
-                                      "top_max": TOP_LEVEL_MAX, **image_kwargs})
+        writer = BlockWriter(tmp / PROGRESS_DIR if resume else None)
+        keys = [(r, c, f) for (r, c), flds in sorted(layout.items()) for f in sorted(flds, key=int)]
+        units = (image_write_tasks(tmp / r / c / f, layout[(r, c)][f], writer, unit=f"{r}/{c}/{f}",
+                                   name=f"{r}{c}-{f}", attrs_extra=extra or None, resume=resume, **image_kwargs)
+                 for r, c, f in keys)
+        compute_waves(units, label, n_units=len(keys))
     return path
 
 

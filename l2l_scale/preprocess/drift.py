@@ -551,6 +551,9 @@ def write_dataset(kind: str, items: Sequence[tuple[str, xr.DataArray, Mapping[st
         (_, img, prov), = items
         return oz.write_image(img, output, provenance=prov, overwrite=overwrite, inputs=inputs, chunks=chunks,
                               label=label)
+    from l2l_scale.cluster import compute_waves
+    from l2l_scale.io.blockwrite import BlockWriter
+
     with oz.atomic_output(output, overwrite=overwrite, inputs=inputs) as tmp:
         if kind == "plate":
             layout: dict[tuple[str, str], list[str]] = {}
@@ -561,13 +564,18 @@ def write_dataset(kind: str, items: Sequence[tuple[str, xr.DataArray, Mapping[st
             oz.write_plate_layout(root, {rc: sorted(f, key=int) for rc, f in layout.items()},
                                   name=output.name.removesuffix(".zarr"),
                                   attrs_extra={"l2l_scale": dict(root_provenance)} if root_provenance else None)
-        for key, img, prov in items:
-            if kind == "plate":
-                r, c, f = oz.split_field_key(key)
-                dest, name = tmp / r / c / f, f"{r}{c}-{f}"
-            else:
-                dest, name = tmp / f"{key}.zarr", key
-            oz.write_image(img, dest, provenance=prov, chunks=chunks, name=name, label=f"{label} {key}".rstrip())
+        def units():
+            for key, img, prov in items:
+                if kind == "plate":
+                    r, c, f = oz.split_field_key(key)
+                    dest, name = tmp / r / c / f, f"{r}{c}-{f}"
+                else:
+                    dest, name = tmp / f"{key}.zarr", key
+                yield oz.image_write_tasks(dest, img, writer, unit=key, chunks=chunks, name=name,
+                                           attrs_extra={"l2l_scale": dict(prov)} if prov else None)
+
+        writer = BlockWriter(None)
+        compute_waves(units(), label, n_units=len(items), unit_name="fields" if kind == "plate" else "images")
     return output
 
 
