@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's l2l_scale, not an installed one
 from _procmem import run_measured  # noqa: E402
 
 TARGETS = {"predict_plate_over_image": {"256x256": 1.25, "64x512": 1.10},

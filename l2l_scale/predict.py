@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import threading
 from collections import defaultdict
 from dataclasses import dataclass
@@ -317,12 +318,10 @@ def predict(model: str | Path, input: str | Path, output: str | Path, *, channel
     oz.check_output(output, overwrite=overwrite, inputs=[input_path])  # fail before computing statistics
     images = {}
     for ref in refs:
-        img = oz.open_image(ref.path)
+        img = oz.image_meta(ref.path)  # metadata only: planning a field costs well under a millisecond
         if not {"y", "x"} <= set(img.dims):
             raise InputError(f"{ref.path}: image has no y/x axes; l2l-scale restores 2D planes")
-        if "c" not in img.dims:
-            img = img.expand_dims("c", axis=1 if "t" in img.dims else 0).assign_coords(c=["0"])
-        oz.select_channels(img, in_names)  # validates names with a clear error
+        oz.channel_indices(img.channel_names if "c" in img.dims else ["0"], in_names)  # clear error for bad names
         images[ref.key] = img
     norm = _norm_values(input_path, refs, in_names, q, norm_scope, norm_stats)
     checksum = sha256_file(weights_file)
@@ -340,8 +339,10 @@ def predict(model: str | Path, input: str | Path, output: str | Path, *, channel
         for ref in refs:
             img, lo_hi = images[ref.key], norm[ref.key]
             gpath = _out_group_path(tmp, ref, kind)
-            dims = tuple(img.dims)
-            out_shape = tuple(spec.n_channel_out if d == "c" else n for d, n in zip(dims, img.shape))
+            src_dims = tuple(img.dims)
+            sizes = {"c": spec.n_channel_out, **{d: n for d, n in img.sizes.items() if d != "c"}}
+            dims = tuple(d for d in oz.DIM_ORDER if d in sizes)  # the output always has a channel axis
+            out_shape = tuple(sizes[d] for d in dims)
             out_chunks = oz.default_chunks(out_shape, dims, chunk)
             if dry:
                 plans = [oz.LevelPlan(str(i), s, tuple(min(c, n) for c, n in zip(out_chunks, s)))
@@ -354,22 +355,23 @@ def predict(model: str | Path, input: str | Path, output: str | Path, *, channel
                                                     "values": {ch: list(v) for ch, v in lo_hi.items()},
                                                     "output_units": "normalised (input percentiles -> 0, 1)"},
                                      **uint16_prov)
-                # The root image of a single-image output holds the progress folder: open it without clearing.
-                group = zarr.open_group(str(gpath), mode="a" if gpath == tmp else "w", zarr_format=3)
-                plans = oz.create_image_group(group, dims, out_shape, np.dtype(dtype), out_chunks,
-                                              img.attrs["pixel_size"], out_names,
+                # The root image of a single-image output holds the progress folder: it is never cleared.
+                if gpath != tmp and gpath.exists():
+                    shutil.rmtree(gpath)
+                plans = oz.create_image_group(gpath, dims, out_shape, np.dtype(dtype), out_chunks,
+                                              img.pixel_size, out_names,
                                               name=gpath.name.removesuffix(".zarr"),
                                               attrs_extra={"l2l_scale": prov}, fill_value=0)
             image = writer.image(ref.key, gpath, plans, dims, out_names)
             # One shared description per image: each block task carries only its plane and region.
             ctx = delayed({"model": str(model_dir), "weights": weights_file.name, "input": str(ref.path),
-                           "src_store": str(ref.path), "src_path": img.attrs["array"], "src_dims": dims,
+                           "src_store": str(ref.path), "src_path": img.array, "src_dims": src_dims,
                            "dst_store": str(gpath), "dst_dims": dims,
-                           "channels": [[str(c) for c in img.coords["c"].values].index(c) for c in in_names],
+                           "channels": oz.channel_indices(img.channel_names or ["0"], in_names),
                            "lo": [lo_hi[c][0] for c in in_names], "hi": [lo_hi[c][1] for c in in_names],
                            "hw": (img.sizes["y"], img.sizes["x"]), "grid": plan.grid, "tile": plan.tile,
                            "halo": plan.halo, "batch": plan.batch, "n_out": spec.n_channel_out, "uint16": uint16})
-            _add_blocks(image, img, dims, plans[0], ctx)
+            _add_blocks(image, img.sizes, dims, plans[0], ctx)
             yield image.tasks()
 
     if dry_run:
@@ -423,12 +425,12 @@ def predict(model: str | Path, input: str | Path, output: str | Path, *, channel
     return output
 
 
-def _add_blocks(image: Any, img: Any, dims: tuple, level0: Any, ctx: Any) -> None:
+def _add_blocks(image: Any, sizes: dict, dims: tuple, level0: Any, ctx: Any) -> None:
     """One task per output chunk (per t/z plane) of level 0; finished ones are skipped by ``image``."""
-    H, W = img.sizes["y"], img.sizes["x"]
+    H, W = sizes["y"], sizes["x"]
     plane_dims = [d for d in dims if d in ("t", "z")]
     cy, cx = level0.chunks[dims.index("y")], level0.chunks[dims.index("x")]
-    for plane_idx in np.ndindex(*[img.sizes[d] for d in plane_dims]):
+    for plane_idx in np.ndindex(*[sizes[d] for d in plane_dims]):
         plane = dict(zip(plane_dims, map(int, plane_idx)))
         for by, y0 in enumerate(range(0, H, cy)):
             for bx, x0 in enumerate(range(0, W, cx)):

@@ -12,6 +12,7 @@ memory stays bounded), block-level completion records for ``--resume``, and the 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -144,9 +145,31 @@ def _open_group(path: Path) -> zarr.Group:
         ) from None
 
 
-def _ome_attrs(group: zarr.Group, path: Path) -> tuple[str, dict]:
+def _group_attrs(path: Path) -> dict:
+    """A group's attributes read from its JSON (zarr v3 ``zarr.json``, v2 ``.zattrs``), without opening zarr.
+
+    Listing a plate of thousands of fields then takes milliseconds, not seconds. Anything unusual (no such file,
+    not a group, another store) goes through zarr and its errors.
+    """
+    path = Path(path)
+    try:
+        meta = json.loads((path / "zarr.json").read_bytes())
+        if isinstance(meta, dict) and meta.get("node_type") == "group":
+            return dict(meta.get("attributes") or {})
+    except (OSError, ValueError):
+        pass
+    try:
+        if (path / ".zgroup").is_file():
+            attrs = path / ".zattrs"
+            return dict(json.loads(attrs.read_bytes())) if attrs.is_file() else {}
+    except (OSError, ValueError, TypeError):
+        pass
+    return dict(_open_group(path).attrs)
+
+
+def _ome_attrs(group: zarr.Group | dict, path: Path) -> tuple[str, dict]:
     """Return (version, attributes holding multiscales/plate/well) for NGFF 0.4 or 0.5."""
-    attrs = dict(group.attrs)
+    attrs = dict(group if isinstance(group, dict) else group.attrs)
     if "ome" in attrs:  # NGFF 0.5 keeps everything under the "ome" key
         ome = dict(attrs["ome"])
         version = str(ome.get("version", ""))
@@ -172,7 +195,11 @@ def _ome_attrs(group: zarr.Group, path: Path) -> tuple[str, dict]:
 
 def _read_multiscale(path: Path) -> tuple[zarr.Group, MultiscaleMeta]:
     group = _open_group(path)
-    version, ome = _ome_attrs(group, path)
+    return group, _parse_multiscale(dict(group.attrs), path)
+
+
+def _parse_multiscale(attrs: dict, path: Path) -> MultiscaleMeta:
+    version, ome = _ome_attrs(attrs, path)
     if "multiscales" not in ome:
         kind = "an HCS plate" if "plate" in ome else "a well" if "well" in ome else "not an image"
         raise InputError(f"{path}: is {kind}, not an image; open one field, e.g. {path}/A/1/0")
@@ -189,9 +216,8 @@ def _read_multiscale(path: Path) -> tuple[zarr.Group, MultiscaleMeta]:
     channel_names: list[str] = []
     if "c" in names and omero and omero.get("channels"):
         channel_names = [str(ch.get("label", i)) for i, ch in enumerate(omero["channels"])]
-    prov = dict(group.attrs).get("l2l_scale")
-    return group, MultiscaleMeta(version, axes, datasets, channel_names, omero, prov, ms.get("name"),
-                                 {k: v for k, v in ome.items() if k not in ("multiscales", "omero", "version")})
+    return MultiscaleMeta(version, axes, datasets, channel_names, omero, attrs.get("l2l_scale"), ms.get("name"),
+                          {k: v for k, v in ome.items() if k not in ("multiscales", "omero", "version")})
 
 
 class _CheckedArray:
@@ -303,6 +329,71 @@ def open_image(path: str | Path, level: int = 0, *, field: str | None = None) ->
     return xr.DataArray(data, dims=dims, coords=coords, attrs=attrs, name=meta.name)
 
 
+@dataclass(frozen=True)
+class ImageMeta:
+    """What planners need of one image's level 0, as :func:`open_image` sees it, but without zarr/xarray objects."""
+
+    path: Path
+    dims: tuple[str, ...]
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    chunks: tuple[int, ...]
+    array: str
+    channel_names: list[str]
+    pixel_size: dict[str, float]
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        return dict(zip(self.dims, self.shape))
+
+
+_PLAIN_TYPES = {"bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "float16",
+                "float32", "float64"}
+
+
+def _array_meta(path: Path) -> tuple[tuple[int, ...], tuple[int, ...], np.dtype]:
+    """(shape, chunks, dtype) of a zarr array from its v3 JSON, else through zarr (v2, irregular grids)."""
+    try:
+        meta = json.loads((path / "zarr.json").read_bytes())
+        grid = meta["chunk_grid"]
+        # Plain numeric types and a regular grid (what NGFF writers produce) are read here; zarr reads the rest.
+        if meta.get("node_type") == "array" and grid.get("name") == "regular" and meta["data_type"] in _PLAIN_TYPES:
+            shape, chunks = tuple(map(int, meta["shape"])), tuple(map(int, grid["configuration"]["chunk_shape"]))
+            if len(shape) == len(chunks):
+                return shape, chunks, np.dtype(meta["data_type"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass
+    try:
+        arr = zarr.open_array(store=str(path.parent), path=path.name, mode="r")
+    except Exception:
+        raise InputError(f"{path.parent}: pyramid level {path.name!r} is listed but missing; the OME-Zarr is "
+                         "incomplete") from None
+    return tuple(arr.shape), tuple(arr.chunks), np.dtype(arr.dtype)
+
+
+def image_meta(path: str | Path) -> ImageMeta:
+    """Level 0 of an NGFF image from its JSON metadata alone: dims, shape, dtype, chunks, channels, pixel size.
+
+    The same checks and values as :func:`open_image` (which it matches field for field), about ten times faster:
+    planning a plate of thousands of fields must not cost seconds per hundred fields.
+    """
+    path = Path(path)
+    meta = _parse_multiscale(_group_attrs(require_exists(path)), path)
+    ds, dims = meta.datasets[0], meta.dims
+    shape, chunks, dtype = _array_meta(path / ds["path"])
+    if len(shape) != len(dims):
+        raise InputError(f"{path}: array has {len(shape)} dims but the axes name {len(dims)}; the NGFF metadata is broken")
+    if 0 in shape:
+        raise InputError(f"{path}: image is empty (shape {shape}); check the acquisition or conversion")
+    scale, _ = _scale_translation(ds.get("coordinateTransformations", []), len(dims))
+    ms_scale, _ = _scale_translation(meta.extra.get("coordinateTransformations", []), len(dims))
+    scale = scale * ms_scale
+    n_c = shape[dims.index("c")] if "c" in dims else 0
+    names = meta.channel_names if len(meta.channel_names) == n_c else [str(k) for k in range(n_c)]
+    return ImageMeta(path, dims, shape, dtype, chunks, ds["path"], names,
+                     {d: float(scale[i]) for i, d in enumerate(dims) if d in SPATIAL})
+
+
 def _read_plate(path: Path) -> tuple[str, dict]:
     group = _open_group(path)
     version, ome = _ome_attrs(group, path)
@@ -318,8 +409,7 @@ def list_fields(path: str | Path) -> list[str]:
     keys = []
     for well in plate.get("wells", []):
         wpath = path / well["path"]
-        wgroup = _open_group(wpath)
-        _, wome = _ome_attrs(wgroup, wpath)
+        _, wome = _ome_attrs(_group_attrs(wpath), wpath)
         for img in wome.get("well", {}).get("images", []):
             keys.append(f"{well['path']}/{img['path']}")
     return keys
@@ -330,7 +420,7 @@ def _kind(path: Path) -> str:
     path = require_exists(path)
     if path.is_dir() and not ((path / "zarr.json").exists() or (path / ".zattrs").exists() or (path / ".zgroup").exists()):
         return "folder"
-    _, ome = _ome_attrs(_open_group(path), path)
+    _, ome = _ome_attrs(_group_attrs(path), path)
     for kind, key in (("image", "multiscales"), ("plate", "plate"), ("well", "well")):
         if key in ome:
             return kind
@@ -377,6 +467,11 @@ def dataset_kind(path: str | Path) -> str:
 def select_channels(image: xr.DataArray, channels: Sequence[str | int]) -> xr.DataArray:
     """Select channels by name (or integer index) with a clear error for unknown names."""
     names = [str(c) for c in image.coords["c"].values] if "c" in image.dims else []
+    return image.isel(c=channel_indices(names, channels))
+
+
+def channel_indices(names: Sequence[str], channels: Sequence[str | int]) -> list[int]:
+    """Indices of ``channels`` (names, or integer indices) among ``names``, with a clear error for unknown ones."""
     idx = []
     for ch in channels:
         if isinstance(ch, (int, np.integer)) or (isinstance(ch, str) and ch.isdigit() and ch not in names):
@@ -388,7 +483,7 @@ def select_channels(image: xr.DataArray, channels: Sequence[str | int]) -> xr.Da
             idx.append(names.index(ch))
         else:
             raise ChannelError(f"unknown channel {ch!r}; the image has channels {names} (see 'l2l-scale info')")
-    return image.isel(c=idx)
+    return idx
 
 
 def read_info(path: str | Path) -> dict:
@@ -576,17 +671,18 @@ class LevelPlan:
     chunks: tuple[int, ...]
 
 
-def create_image_group(group: zarr.Group, dims, shape, dtype, chunks, pixel_size, channel_names, *, name, attrs_extra,
-                       top_max=TOP_LEVEL_MAX, fill_value=0) -> list[LevelPlan]:
-    """Create the (empty) pyramid arrays and the NGFF 0.5 metadata of an image group; return the level plans."""
+def create_image_group(group: zarr.Group | Path, dims, shape, dtype, chunks, pixel_size, channel_names, *, name,
+                       attrs_extra, top_max=TOP_LEVEL_MAX, fill_value=0) -> list[LevelPlan]:
+    """Create the (empty) pyramid arrays and the NGFF 0.5 metadata of an image group; return the level plans.
+
+    ``group`` is an open group, or the local folder of a new one. On a local filesystem the metadata documents
+    are written as files directly (zarr's own array documents, made once per shape): through the zarr API each
+    group cost about 8 ms of client time, seconds for a plate of hundreds of fields. The group document, which
+    makes the image visible, is written last.
+    """
     plans = []
     for level, lshape in enumerate(pyramid_shapes(shape, dims, top_max)):
-        lchunks = tuple(min(c, n) for c, n in zip(chunks, lshape))
-        group.create_array(
-            str(level), shape=lshape, dtype=dtype, chunks=lchunks, compressors=[_compressor()],
-            dimension_names=list(dims), fill_value=fill_value, overwrite=True,
-        )
-        plans.append(LevelPlan(str(level), lshape, lchunks))
+        plans.append(LevelPlan(str(level), lshape, tuple(min(c, n) for c, n in zip(chunks, lshape))))
     ms = {
         "name": name or "image",
         "axes": _axes_meta(dims),
@@ -596,8 +692,44 @@ def create_image_group(group: zarr.Group, dims, shape, dtype, chunks, pixel_size
     ome: dict[str, Any] = {"version": WRITE_VERSION, "multiscales": [ms]}
     if channel_names:
         ome["omero"] = _omero(channel_names, [(0.0, 1.0, 0.0, 1.0)] * len(channel_names))
-    group.attrs.update({"ome": ome, **(attrs_extra or {})})
+    attrs = {"ome": ome, **(attrs_extra or {})}
+    root = _local_root(group)
+    if root is None:
+        for p in plans:
+            group.create_array(p.path, shape=p.shape, dtype=dtype, chunks=p.chunks, compressors=[_compressor()],
+                               dimension_names=list(dims), fill_value=fill_value, overwrite=True)
+        group.attrs.update(attrs)
+        return plans
+    existing = {} if isinstance(group, Path) else dict(group.attrs)
+    for p in plans:
+        (root / p.path).mkdir(parents=True, exist_ok=True)
+        (root / p.path / "zarr.json").write_bytes(
+            _array_document(p.shape, np.dtype(dtype).str, p.chunks, tuple(dims), fill_value))
+    doc = {"attributes": _jsonable({**existing, **attrs}), "zarr_format": 3, "node_type": "group"}
+    (root / "zarr.json").write_text(json.dumps(doc, indent=2))
     return plans
+
+
+def _local_root(group: zarr.Group | Path) -> Path | None:
+    """The folder of a group on the local filesystem, or None for other stores."""
+    from zarr.storage import LocalStore
+
+    if isinstance(group, Path):
+        return group
+    if isinstance(group.store, LocalStore) and not group.read_only:
+        return Path(group.store.root) / group.path
+    return None
+
+
+@functools.lru_cache(maxsize=256)
+def _array_document(shape: tuple, dtype: str, chunks: tuple, dims: tuple, fill_value: Any) -> bytes:
+    """The ``zarr.json`` zarr writes for such an array (made in memory, so the format stays zarr's)."""
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.storage import MemoryStore
+
+    arr = zarr.create_array(MemoryStore(), shape=shape, dtype=np.dtype(dtype), chunks=chunks,
+                            compressors=[_compressor()], dimension_names=list(dims), fill_value=fill_value)
+    return arr.metadata.to_buffer_dict(default_buffer_prototype())["zarr.json"].to_bytes()
 
 
 def reopen_image_group(root: Path) -> tuple[zarr.Group, list[LevelPlan]]:
