@@ -837,7 +837,8 @@ def compute_waves(units: Iterable[Sequence[Any]], label: str, *, n_units: int, u
                   resources: dict | None = None) -> int:
     """Compute the tasks of many units (the fields of a plate, the images of a folder) as one run.
 
-    ``units`` yields, per unit, the list of its dask collections; it is consumed lazily, in waves of about
+    ``units`` yields, per unit, the list of its dask collections, or ``(n, tasks)`` for ``n`` units that share
+    tasks (fields whose small blocks are predicted together); it is consumed lazily, in waves of about
     :data:`WAVE_TASKS` tasks. With a distributed client the next wave is submitted while the current one still
     runs (once fewer than half a wave is left), so workers never idle between fields, and the client holds the
     task descriptions of at most about two waves. One progress bar counts tasks, units finished, the ETA and
@@ -864,17 +865,21 @@ def compute_waves(units: Iterable[Sequence[Any]], label: str, *, n_units: int, u
     with Progress(*columns, transient=False, redirect_stdout=False) as bar:
         job = bar.add_task(label, total=0, units=f"0/{n_units} {unit_name}", dash=dash)
 
-        def unit_finished() -> None:
-            state["units_done"] += 1
+        weights: list[int] = []
+
+        def unit_finished(u: int) -> None:
+            state["units_done"] += weights[u]
             bar.update(job, units=f"{state['units_done']}/{n_units} {unit_name}")
 
         def next_wave() -> list:
             wave: list = []
             for tasks in it:
+                n, tasks = tasks if isinstance(tasks, tuple) else (1, tasks)
                 u = len(remaining)
                 remaining.append(len(tasks))
+                weights.append(n)
                 if not tasks:
-                    unit_finished()
+                    unit_finished(u)
                 for t in tasks:
                     owner[t.key] = u
                 wave.extend(tasks)
@@ -891,7 +896,7 @@ def compute_waves(units: Iterable[Sequence[Any]], label: str, *, n_units: int, u
             bar.advance(job)
             remaining[u] -= 1
             if not remaining[u]:
-                unit_finished()
+                unit_finished(u)
 
         if client is None:
             while wave := next_wave():

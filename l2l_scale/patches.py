@@ -62,8 +62,8 @@ provenance.
 Resumable and deterministic
 ---------------------------
 Everything random derives from ``seed`` and the image key, so a rerun gives bit-identical arrays. The store is
-written into ``OUTPUT.partial`` and renamed when complete; per-task completion markers let ``resume=True`` finish
-only the unfinished tasks.
+written into ``OUTPUT.partial`` and renamed when complete; completion records (each image's staged table, and one
+journal line per patch chunk, :mod:`l2l_scale.io.journal`) let ``resume=True`` finish only the unfinished tasks.
 """
 
 from __future__ import annotations
@@ -83,7 +83,9 @@ from zarr.codecs import BloscCodec, BloscShuffle
 
 from l2l_scale.config import PatchConfig, patch_config
 from l2l_scale.errors import ChannelError, ConfigError, InputError, OutputError
+from l2l_scale.io import journal
 from l2l_scale.io import ome_zarr as oz
+from l2l_scale.io.blockwrite import RECORDS
 
 __all__ = ["FORMAT_VERSION", "PatchStore", "create_patches", "open_patches", "read_table"]
 
@@ -355,9 +357,7 @@ def _assemble_task(job: dict) -> int:
         ys[pos] = np.load(stage.with_suffix(".Y.npy"), mmap_mode="r")[idx]
     X[a:b] = xs
     Y[a:b] = ys
-    marker = Path(job["marker"])
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.touch()
+    journal.record(*job["record"])  # after the chunk's data (see l2l_scale.io.journal)
     return b - a
 
 
@@ -608,14 +608,15 @@ def create_patches(dataset: str | Path, output: str | Path, config: PatchConfig 
                               compressors=[_codec()], fill_value=0.0, overwrite=True,
                               dimension_names=["patch", "y", "x", "c"])
         tasks = []
+        records = progress / RECORDS
+        done = journal.finished(records)
         for t, a in enumerate(range(0, N, chunk)):
             b = min(a + chunk, N)
-            marker = progress / "chunks" / str(t)
-            if marker.exists():
+            if f"chunk:{t}" in done:
                 continue
             tasks.append(delayed(_assemble_task, pure=False)({
                 "store": str(tmp), "rows": (a, b), "image": img_rows[a:b].tolist(), "local": loc_rows[a:b].tolist(),
-                "stage_dir": str(stage_dir), "marker": str(marker)}))
+                "stage_dir": str(stage_dir), "record": (str(records), f"chunk:{t}")}))
         if tasks:
             compute_with_progress(tasks, f"writing {len(tasks)} patch chunks")
         n_chunks = len(range(0, N, chunk))

@@ -81,12 +81,22 @@ class ImageTasks:
 
         ``func`` must call :func:`l2l_scale.io.journal.record` with ``record`` after its data is written.
         """
+        record = self.block_record(plane, by, bx)
+        if record is not False:
+            self.add_task(plane, by, bx, delayed(func, pure=False)(*args, record))
+
+    def block_record(self, plane: Sequence[int], by: int, bx: int) -> tuple[str, str] | None | bool:
+        """The record the task writing level-0 block ``(by, bx)`` must write, or False if it is done already."""
         self.writer.total += 1
         record = self._record(0, (*plane, by, bx))
-        if self._pending(record):
-            self.writer.pending += 1
-            self.by_level[0].setdefault((tuple(plane), by, bx), []).append(
-                delayed(func, pure=False)(*args, record))
+        if not self._pending(record):
+            return False
+        self.writer.pending += 1
+        return record
+
+    def add_task(self, plane: Sequence[int], by: int, bx: int, task: Any) -> None:
+        """Register ``task`` as (one of) the writer(s) of level-0 block ``(by, bx)``; it may write others too."""
+        self.by_level[0].setdefault((tuple(plane), by, bx), []).append(task)
 
     def add_array(self, arr: da.Array) -> None:
         """Add one task per chunk of level 0 writing ``arr`` (rechunked to the level's chunks), unless done."""
@@ -111,7 +121,7 @@ class ImageTasks:
         """Every task of the image: the level-0 blocks added, the pyramid levels above them, and finishing."""
         for level in range(1, len(self.plans)):
             self._pyramid_level(level)
-        every = [t for level in self.by_level for ts in level.values() for t in ts]
+        every = list({t.key: t for level in self.by_level for ts in level.values() for t in ts}.values())
         finish = delayed(finish_block, pure=False)(self.group, self.dims, self.channel_names, self.attrs_extra,
                                                    *every)
         return [*every, finish]

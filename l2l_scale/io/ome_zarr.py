@@ -402,16 +402,25 @@ def _read_plate(path: Path) -> tuple[str, dict]:
     return version, ome["plate"]
 
 
-def list_fields(path: str | Path) -> list[str]:
-    """List the fields of an HCS plate as ``"row/column/field"`` keys, in plate order."""
+def list_fields(path: str | Path, *, empty: list[str] | None = None) -> list[str]:
+    """List the fields of an HCS plate as ``"row/column/field"`` keys, in plate order.
+
+    A well listed in the plate metadata without fields (no images, or no well group at all: an acquisition that
+    skipped it) contributes none; with ``empty`` given, its path is appended there.
+    """
     path = Path(path)
     _, plate = _read_plate(path)
     keys = []
     for well in plate.get("wells", []):
         wpath = path / well["path"]
-        _, wome = _ome_attrs(_group_attrs(wpath), wpath)
-        for img in wome.get("well", {}).get("images", []):
-            keys.append(f"{well['path']}/{img['path']}")
+        if not wpath.exists():
+            images = []
+        else:
+            _, wome = _ome_attrs(_group_attrs(wpath), wpath)
+            images = wome.get("well", {}).get("images", [])
+        if not images and empty is not None:
+            empty.append(well["path"])
+        keys.extend(f"{well['path']}/{img['path']}" for img in images)
     return keys
 
 
@@ -441,7 +450,14 @@ def list_images(path: str | Path) -> list[ImageRef]:
     if kind == "image":
         return [ImageRef(path, "")]
     if kind == "plate":
-        return [ImageRef(path / k, k) for k in list_fields(path)]
+        empty: list[str] = []
+        keys = list_fields(path, empty=empty)
+        if not keys:
+            raise InputError(f"{path}: the plate has no fields (every well is empty); check the acquisition or "
+                             "its conversion")
+        if empty:
+            print(f"{path}: {len(empty)} well(s) without fields are skipped: {', '.join(empty)}", file=sys.stderr)
+        return [ImageRef(path / k, k) for k in keys]
     if kind == "well":
         _, wome = _ome_attrs(_open_group(path), path)
         return [ImageRef(path / im["path"], im["path"]) for im in wome["well"].get("images", [])]

@@ -208,18 +208,41 @@ def _count_kernel() -> Any:
     costs about 1.1 ms per megapixel of uint16 against 0.3 ms for this loop, which also releases the GIL. On two
     cores that is the difference between ``stats`` taking 1.6x and about 1.2x the time of reading the image
     once (``benchmarks/bench_stats.py``), and it fuses the prefix selection of pass 2 into the same loop.
-    ``cache=True`` keeps the machine code on disk, so each new worker process does not compile again.
+    ``cache=True`` keeps the machine code on disk, so each new worker process does not compile again: in
+    ``$NUMBA_CACHE_DIR`` if set, else in the user cache folder, never next to this file (numba's default): a
+    cache written into site-packages stays behind after ``pip uninstall`` and turns ``l2l_scale`` into a
+    namespace package for a later editable install.
     """
     global _kernel
     with _kernel_lock:
         if _kernel is None:
             import numba
+            from numba.core import config as numba_config
 
+            folder = numba_config.CACHE_DIR or _user_cache_dir()
+            previous = numba_config.CACHE_DIR
             try:
-                _kernel = numba.njit(nogil=True, cache=True)(_count_loop)
-            except RuntimeError:  # no writable cache location (read-only install and home): compile per process
-                _kernel = numba.njit(nogil=True)(_count_loop)
+                if folder is None:  # no writable cache folder: compile once per process
+                    _kernel = numba.njit(nogil=True)(_count_loop)
+                else:
+                    # numba picks the cache folder when the function is decorated; set it for this one only.
+                    numba_config.CACHE_DIR = folder
+                    _kernel = numba.njit(nogil=True, cache=True)(_count_loop)
+            finally:
+                numba_config.CACHE_DIR = previous
     return _kernel
+
+
+def _user_cache_dir() -> str | None:
+    """A writable folder for the kernel cache under the user's cache folder, or None."""
+    import platformdirs
+
+    folder = os.path.join(platformdirs.user_cache_dir("l2l-scale"), "numba")
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError:
+        return None
+    return folder if os.access(folder, os.W_OK) else None
 
 
 def _histogram(keys: np.ndarray, bits: int, known: int, prefix: int) -> np.ndarray:
