@@ -251,3 +251,27 @@ def test_reader_errors(tmp_path):
     with pytest.raises(ChannelError, match="unknown channel 'DAPI'"):
         oz.select_channels(img, ["DAPI"])
     assert list(oz.select_channels(img, ["phalloidin", 0]).coords["c"].values) == ["phalloidin", "AC-15"]
+
+
+def test_plate_pyramids_in_one_graph_are_2x_means_for_mixed_sizes_and_dtypes(tmp_path):
+    """Every field's levels, computed in one graph with level 0, equal the 2x mean of the level below."""
+    rng = np.random.default_rng(7)
+    fields = {"A/1/0": rng.integers(0, 60000, (1, 300, 260), dtype=np.uint16),
+              "A/1/1": rng.normal(0, 1, (2, 257, 515)).astype(np.float32),
+              "B/4/0": rng.integers(-30000, 30000, (1, 140, 129), dtype=np.int16)}
+    arrays = {k: xr.DataArray(v, dims=("c", "y", "x")) for k, v in fields.items()}
+    out = oz.write_plate(arrays, tmp_path / "p.zarr", chunks=64, top_max=64)
+    for key, data in fields.items():
+        group = zarr.open_group(str(out / key), mode="r")
+        levels = [group[d["path"]][...] for d in group.attrs["ome"]["multiscales"][0]["datasets"]]
+        assert len(levels) == len(oz.pyramid_shapes(data.shape, ("c", "y", "x"), 64)) >= 2
+        np.testing.assert_array_equal(levels[0], data)
+        for fine, coarse in zip(levels[:-1], levels[1:]):
+            c, h, w = coarse.shape
+            mean = fine[:, :2 * h, :2 * w].astype(np.float64).reshape(c, h, 2, w, 2).mean(axis=(2, 4))
+            if fine.dtype.kind in "iu":
+                info = np.iinfo(fine.dtype)
+                np.testing.assert_array_equal(coarse, np.clip(np.round(mean), info.min, info.max).astype(fine.dtype))
+            else:
+                np.testing.assert_allclose(coarse, mean, rtol=1e-6, atol=1e-6)
+            assert coarse.dtype == fine.dtype
