@@ -38,6 +38,7 @@ import zarr
 from l2l_scale.errors import ChannelError, ConfigError, InputError, OutputError
 from l2l_scale.io import journal
 from l2l_scale.io import ome_zarr as oz
+from l2l_scale.io.blockwrite import cached_array
 
 DEFAULT_PERCENTILES = (2.0, 99.8)  # csbdeep.data.PercentileNormalizer defaults
 DEFAULT_TILE = 1024
@@ -180,7 +181,7 @@ def _predict_blocks(blocks: _Blocks, per_call: int) -> int:
             scale, offset = task["uint16"]
             result = np.clip(np.rint((result - offset) / scale), 0, 65535).astype(np.uint16)
         oy0, oy1, ox0, ox1 = region
-        dst = zarr.open_array(store=task["dst_store"], path="0", mode="r+")
+        dst = cached_array(task["dst_store"], "0", "r+")
         dst[_index(task["dst_dims"], plane, slice(None), slice(oy0, oy1), slice(ox0, ox1))] = \
             np.moveaxis(result, -1, 0)
         if record is not None:
@@ -204,7 +205,7 @@ class _Prepared:
 
 def _prepare_block(task: dict, plane: dict, region: tuple, record: Any) -> _Prepared:
     """Read and normalise the input of one block (plus halo) and cut it into tiles."""
-    src = zarr.open_array(store=task["src_store"], path=task["src_path"], mode="r")
+    src = cached_array(task["src_store"], task["src_path"], "r")
     (H, W), grid = task["hw"], task["grid"]
     pad_y, pad_x = _pad_split(H, grid), _pad_split(W, grid)
     (ay, ax), Hp, Wp = (pad_y[0], pad_x[0]), H + sum(pad_y), W + sum(pad_x)

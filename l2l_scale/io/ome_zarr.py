@@ -634,7 +634,8 @@ def _level_transforms(dims: Sequence[str], pixel_size: Mapping[str, float], leve
     return out
 
 
-def _omero(channel_names: Sequence[str], windows: Sequence[tuple[float, float, float, float]]) -> dict:
+def omero_metadata(channel_names: Sequence[str], windows: Sequence[tuple[float, float, float, float]]) -> dict:
+    """The NGFF ``omero`` block: one channel entry (label, colour, display window) per name."""
     channels = []
     for i, (name, (lo, hi, mn, mx)) in enumerate(zip(channel_names, windows)):
         channels.append({
@@ -707,7 +708,7 @@ def create_image_group(group: zarr.Group | Path, dims, shape, dtype, chunks, pix
     }
     ome: dict[str, Any] = {"version": WRITE_VERSION, "multiscales": [ms]}
     if channel_names:
-        ome["omero"] = _omero(channel_names, [(0.0, 1.0, 0.0, 1.0)] * len(channel_names))
+        ome["omero"] = omero_metadata(channel_names, [(0.0, 1.0, 0.0, 1.0)] * len(channel_names))
     attrs = {"ome": ome, **(attrs_extra or {})}
     root = _local_root(group)
     if root is None:
@@ -762,7 +763,7 @@ def finish_image_group(group: zarr.Group, dims, channel_names) -> None:
         return
     ome = dict(group.attrs["ome"])
     top = group[ome["multiscales"][0]["datasets"][-1]["path"]][...]
-    ome["omero"] = _omero(channel_names, display_windows(top, dims))
+    ome["omero"] = omero_metadata(channel_names, display_windows(top, dims))
     group.attrs["ome"] = ome
 
 
