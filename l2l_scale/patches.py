@@ -450,18 +450,6 @@ def _filter_levels(dataset: Path, cfg: PatchConfig, stats: dict, targets: list[s
     return levels
 
 
-def _check_run(progress: Path, run: dict, output: Path, resume: bool) -> None:
-    run_file = progress / "run.json"
-    if resume and run_file.exists():
-        previous = json.loads(run_file.read_text())
-        changed = sorted(k for k in set(run) | set(previous) if previous.get(k) != run.get(k))
-        if changed:
-            raise OutputError(f"{output}: the unfinished run used different {', '.join(changed)}; rerun with the same "
-                              "options, or with --overwrite to start again")
-    progress.mkdir(parents=True, exist_ok=True)
-    _write_json_atomic(run_file, run)
-
-
 def _split_images(images: list[_Image], cfg: PatchConfig) -> set[int]:
     """Indices of the validation images for ``split_by='pair'``."""
     n = len(images)
@@ -556,7 +544,7 @@ def create_patches(dataset: str | Path, output: str | Path, config: PatchConfig 
         stage_dir = progress / "staging"
         run = {"dataset": str(dataset.resolve()), "images": [im.key or str(im.path) for im in images],
                "config": cfg.model_dump(mode="json"), "format": FORMAT_VERSION, "chunk_patches": chunk}
-        _check_run(progress, run, output, resume)
+        oz.check_run(progress, run, output, resume)
         stage_dir.mkdir(parents=True, exist_ok=True)
         stats = _norm_stats(dataset, cfg, all_names, progress)
         levels = _filter_levels(dataset, cfg, stats, sorted({n for im in images for n in im.target_names}), progress)

@@ -22,7 +22,6 @@ scale and offset in ``l2l_scale.uint16``.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -35,7 +34,7 @@ from typing import Any, Sequence
 import numpy as np
 import zarr
 
-from l2l_scale.errors import ChannelError, ConfigError, InputError, OutputError
+from l2l_scale.errors import ChannelError, ConfigError, InputError
 from l2l_scale.io import journal
 from l2l_scale.io import ome_zarr as oz
 from l2l_scale.io.blockwrite import cached_array
@@ -445,14 +444,9 @@ def predict(model: str | Path, input: str | Path, output: str | Path, *, channel
                    if uint16 else {})
     with oz.atomic_output(output, overwrite=overwrite, resume=resume, inputs=[input_path]) as tmp:
         progress = tmp / oz.PROGRESS_DIR
-        run_file = progress / "run.json"
         run = {"model_checksum": checksum, "input": str(input_path.resolve()), **params}
-        if resume and run_file.exists():
-            previous = json.loads(run_file.read_text())
-            changed = sorted(k for k in run if previous.get(k) != run[k])
-            if changed:
-                raise OutputError(f"{output}: the unfinished run used different {', '.join(changed)}; rerun "
-                                  "with the same options, or with --overwrite to start again")
+        if resume:
+            oz.check_run(progress, run, output, resume)  # before anything is written
         if kind == "plate":
             layout: dict[tuple[str, str], list[str]] = {}
             for ref in refs:
@@ -462,8 +456,7 @@ def predict(model: str | Path, input: str | Path, output: str | Path, *, channel
             oz.write_plate_layout(root, layout, name=output.name.removesuffix(".zarr"))
         elif kind == "image" and not (resume and (tmp / "zarr.json").exists()):
             zarr.open_group(str(tmp), mode="w", zarr_format=3)  # clears the folder before the records go in
-        progress.mkdir(parents=True, exist_ok=True)
-        run_file.write_text(json.dumps(run, indent=2))
+        oz.check_run(progress, run, output, False)
         writer = BlockWriter(progress)
         compute_waves(units(tmp, writer, False), "predicting blocks", n_units=len(refs),
                       unit_name="fields" if kind == "plate" else "images", resources=resources)

@@ -767,6 +767,24 @@ def finish_image_group(group: zarr.Group, dims, channel_names) -> None:
     group.attrs["ome"] = ome
 
 
+def check_run(progress: Path, run: dict, output: Path, resume: bool) -> None:
+    """Record a run's options in ``progress/run.json``; resuming with other options is refused.
+
+    A resumed run finishes the blocks of the first one, so both must compute the same thing.
+    """
+    run_file = progress / "run.json"
+    if resume and run_file.exists():
+        previous = json.loads(run_file.read_text())
+        changed = sorted(k for k in set(run) | set(previous) if previous.get(k) != run.get(k))
+        if changed:
+            raise OutputError(f"{output}: the unfinished run used different {', '.join(changed)}; rerun with the same "
+                              "options, or with --overwrite to start again")
+    progress.mkdir(parents=True, exist_ok=True)
+    tmp = run_file.with_name("run.json.tmp")
+    tmp.write_text(json.dumps(_jsonable(run), indent=2))
+    os.replace(tmp, run_file)
+
+
 def partial_path(path: Path) -> Path:
     """The temporary sibling an output is written to before the final rename."""
     return path.with_name(path.name + PARTIAL_SUFFIX)
@@ -851,8 +869,10 @@ def image_write_tasks(root: Path, data: Any, writer: Any, *, unit: str = "", dim
             raise OutputError(f"{root}: the unfinished output has shape {plans[0].shape}, not {arr.shape}; "
                               "rerun with --overwrite instead of --resume")
     else:
-        group = zarr.open_group(str(root), mode="w", zarr_format=3)
-        plans = create_image_group(group, dims, arr.shape, arr.dtype, wchunks, pixel_size, channel_names,
+        # Written as files into the (new) folder: an image at the output's root holds the run's progress folder,
+        # which opening the group with mode "w" would delete.
+        root.mkdir(parents=True, exist_ok=True)
+        plans = create_image_group(Path(root), dims, arr.shape, arr.dtype, wchunks, pixel_size, channel_names,
                                    name=name, attrs_extra=attrs_extra, top_max=top_max)
     image = writer.image(unit, root, plans, dims, channel_names, attrs_extra)
     image.add_array(arr)
