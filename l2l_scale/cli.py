@@ -129,7 +129,7 @@ def _cmd_register(args: argparse.Namespace) -> int:
         result = register(args.input, args.output, reference=args.reference, moving=_names(args.moving) or [],
                           method=args.method, moving_image=args.moving_image, max_shift=args.max_shift,
                           n_patches=args.patches, order=args.order, seed=args.seed, overwrite=args.overwrite,
-                          chunks=args.chunks)
+                          chunks=args.chunks, resume=args.resume)
     for key, info in result.items():
         for ch, (dy, dx) in info["shifts"].items():
             print(f"{key + ': ' if key else ''}{ch} -> {info['reference']}: shift dy={dy:+.2f} dx={dx:+.2f} px "
@@ -172,7 +172,7 @@ def _cmd_baseline(args: argparse.Namespace) -> int:
         out = run_baseline(args.method, args.input, args.output, channels=_names(args.channel) or [],
                            preset=args.preset, overwrite=args.overwrite, chunks=args.chunks, sigma=args.sigma,
                            radius=args.radius, size=args.size, grid=args.grid, kernel_size=kernel,
-                           clip_limit=args.clip_limit)
+                           clip_limit=args.clip_limit, resume=args.resume)
     print(f"wrote {out}")
     return 0
 
@@ -379,6 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="patch sampling seed (default 0)")
     p.add_argument("--chunks", type=int, default=None, help="output chunk side (default: the input's)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.add_argument("--resume", action="store_true", help="finish an interrupted run, computing only missing blocks")
     _cluster_args(p)
 
     p = add("contrast", _cmd_contrast, "Michelson/RMS label contrast per channel and which label should be the "
@@ -410,6 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip-limit", type=float, help="clahe: skimage clip limit (default 0.01)")
     p.add_argument("--chunks", type=int, default=None, help="output chunk side (default: the input's)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.add_argument("--resume", action="store_true", help="finish an interrupted run, computing only missing blocks")
     _cluster_args(p)
 
     p = add("export-bioimageio", _cmd_export_bioimageio,

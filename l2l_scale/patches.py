@@ -62,8 +62,8 @@ provenance.
 Resumable and deterministic
 ---------------------------
 Everything random derives from ``seed`` and the image key, so a rerun gives bit-identical arrays. The store is
-written into ``OUTPUT.partial`` and renamed when complete; per-task completion markers let ``resume=True`` finish
-only the unfinished tasks.
+written into ``OUTPUT.partial`` and renamed when complete; completion records (each image's staged table, and one
+journal line per patch chunk, :mod:`l2l_scale.io.journal`) let ``resume=True`` finish only the unfinished tasks.
 """
 
 from __future__ import annotations
@@ -83,7 +83,9 @@ from zarr.codecs import BloscCodec, BloscShuffle
 
 from l2l_scale.config import PatchConfig, patch_config
 from l2l_scale.errors import ChannelError, ConfigError, InputError, OutputError
+from l2l_scale.io import journal
 from l2l_scale.io import ome_zarr as oz
+from l2l_scale.io.blockwrite import RECORDS
 
 __all__ = ["FORMAT_VERSION", "PatchStore", "create_patches", "open_patches", "read_table"]
 
@@ -355,9 +357,7 @@ def _assemble_task(job: dict) -> int:
         ys[pos] = np.load(stage.with_suffix(".Y.npy"), mmap_mode="r")[idx]
     X[a:b] = xs
     Y[a:b] = ys
-    marker = Path(job["marker"])
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.touch()
+    journal.record(*job["record"])  # after the chunk's data (see l2l_scale.io.journal)
     return b - a
 
 
@@ -448,18 +448,6 @@ def _filter_levels(dataset: Path, cfg: PatchConfig, stats: dict, targets: list[s
         levels = {k: {t: float(v[t]["hi"]) for t in targets} for k, v in fs["images"].items()}
     _write_json_atomic(cached, levels)
     return levels
-
-
-def _check_run(progress: Path, run: dict, output: Path, resume: bool) -> None:
-    run_file = progress / "run.json"
-    if resume and run_file.exists():
-        previous = json.loads(run_file.read_text())
-        changed = sorted(k for k in set(run) | set(previous) if previous.get(k) != run.get(k))
-        if changed:
-            raise OutputError(f"{output}: the unfinished run used different {', '.join(changed)}; rerun with the same "
-                              "options, or with --overwrite to start again")
-    progress.mkdir(parents=True, exist_ok=True)
-    _write_json_atomic(run_file, run)
 
 
 def _split_images(images: list[_Image], cfg: PatchConfig) -> set[int]:
@@ -556,7 +544,7 @@ def create_patches(dataset: str | Path, output: str | Path, config: PatchConfig 
         stage_dir = progress / "staging"
         run = {"dataset": str(dataset.resolve()), "images": [im.key or str(im.path) for im in images],
                "config": cfg.model_dump(mode="json"), "format": FORMAT_VERSION, "chunk_patches": chunk}
-        _check_run(progress, run, output, resume)
+        oz.check_run(progress, run, output, resume)
         stage_dir.mkdir(parents=True, exist_ok=True)
         stats = _norm_stats(dataset, cfg, all_names, progress)
         levels = _filter_levels(dataset, cfg, stats, sorted({n for im in images for n in im.target_names}), progress)
@@ -608,14 +596,15 @@ def create_patches(dataset: str | Path, output: str | Path, config: PatchConfig 
                               compressors=[_codec()], fill_value=0.0, overwrite=True,
                               dimension_names=["patch", "y", "x", "c"])
         tasks = []
+        records = progress / RECORDS
+        done = journal.finished(records)
         for t, a in enumerate(range(0, N, chunk)):
             b = min(a + chunk, N)
-            marker = progress / "chunks" / str(t)
-            if marker.exists():
+            if f"chunk:{t}" in done:
                 continue
             tasks.append(delayed(_assemble_task, pure=False)({
                 "store": str(tmp), "rows": (a, b), "image": img_rows[a:b].tolist(), "local": loc_rows[a:b].tolist(),
-                "stage_dir": str(stage_dir), "marker": str(marker)}))
+                "stage_dir": str(stage_dir), "record": (str(records), f"chunk:{t}")}))
         if tasks:
             compute_with_progress(tasks, f"writing {len(tasks)} patch chunks")
         n_chunks = len(range(0, N, chunk))

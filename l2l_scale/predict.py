@@ -22,9 +22,9 @@ scale and offset in ``l2l_scale.uint16``.
 
 from __future__ import annotations
 
-import json
 import math
 import os
+import shutil
 import threading
 from collections import defaultdict
 from dataclasses import dataclass
@@ -34,8 +34,10 @@ from typing import Any, Sequence
 import numpy as np
 import zarr
 
-from l2l_scale.errors import ChannelError, ConfigError, InputError, OutputError
+from l2l_scale.errors import ChannelError, ConfigError, InputError
+from l2l_scale.io import journal
 from l2l_scale.io import ome_zarr as oz
+from l2l_scale.io.blockwrite import cached_array
 
 DEFAULT_PERCENTILES = (2.0, 99.8)  # csbdeep.data.PercentileNormalizer defaults
 DEFAULT_TILE = 1024
@@ -126,25 +128,94 @@ def _worker_threads() -> int:
         return os.cpu_count() or 1
 
 
-def _predict_block(task: dict) -> int:
-    """Read one output block plus halo, normalise, run the model tile by tile, crop, write, mark done."""
+def _predict_block(task: dict, plane: dict, region: tuple, record: tuple[str, str] | None) -> int:
+    """Read one output block plus halo, normalise, run the model tile by tile, crop, write, record it.
+
+    ``task`` is shared by every block of the image; ``plane`` (t/z indices) and ``region`` pick the block.
+    """
+    return _predict_blocks(_Blocks([(task, plane, region, record)]), 0)
+
+
+class _Blocks:
+    """The blocks of one task, as one opaque object (dask would otherwise walk every nested tuple)."""
+
+    def __init__(self, items: list):
+        self.items = items
+
+
+def _predict_blocks(blocks: _Blocks, per_call: int) -> int:
+    """Predict several blocks (of one or several images) in one task, then write and record each.
+
+    With ``per_call`` > 0 the tiles of all blocks are pooled by shape and every model call gets exactly
+    ``per_call`` tiles (padded with zeros): a tile's result then never depends on which other tiles share its
+    call, so a resumed run, which groups only the unfinished blocks, is bit-identical to an uninterrupted one.
+    Small fields (a plate of 256^2 fields) run several times faster per pixel this way than one call per field.
+    """
     from l2l_scale.model import configure_tf_threads, get_cached_model
 
     configure_tf_threads(_worker_threads())
-    model = get_cached_model(task["model"], task["weights"])
-    src = zarr.open_array(store=task["src_store"], path=task["src_path"], mode="r")
-    dst = zarr.open_array(store=task["dst_store"], path="0", mode="r+")
+    prepared = [_prepare_block(*item) for item in blocks.items]
+    task0 = blocks.items[0][0]
+    model = get_cached_model(task0["model"], task0["weights"])
+    lock = _MODEL_LOCKS[(task0["model"], task0["weights"])]
+    by_shape: dict[tuple[int, int], list] = defaultdict(list)
+    for blk in prepared:
+        for a, b in blk.tiles:
+            by_shape[(a[3] - a[2], b[3] - b[2])].append((blk, a, b))
+    for group in by_shape.values():
+        step = per_call or task0["batch"]
+        for k in range(0, len(group), step):
+            chunk = group[k:k + step]
+            xb = np.stack([blk.x[a[2] - blk.y0:a[3] - blk.y0, b[2] - blk.x0:b[3] - blk.x0] for blk, a, b in chunk])
+            if per_call and len(chunk) < per_call:
+                xb = np.concatenate([xb, np.zeros((per_call - len(chunk), *xb.shape[1:]), xb.dtype)])
+            with lock:  # one model call at a time per process; other threads meanwhile read and write
+                yb = model.predict_batch(xb)
+            for (blk, a, b), yt in zip(chunk, yb):
+                blk.result[a[0] - blk.oy:a[1] - blk.oy, b[0] - blk.ox:b[1] - blk.ox] = \
+                    yt[a[0] - a[2]:a[1] - a[2], b[0] - b[2]:b[1] - b[2]]
+    for (task, plane, region, record), blk in zip(blocks.items, prepared):
+        result = blk.result
+        if task["uint16"]:
+            scale, offset = task["uint16"]
+            result = np.clip(np.rint((result - offset) / scale), 0, 65535).astype(np.uint16)
+        oy0, oy1, ox0, ox1 = region
+        dst = cached_array(task["dst_store"], "0", "r+")
+        dst[_index(task["dst_dims"], plane, slice(None), slice(oy0, oy1), slice(ox0, ox1))] = \
+            np.moveaxis(result, -1, 0)
+        if record is not None:
+            journal.record(*record)
+    return len(blocks.items)
+
+
+@dataclass
+class _Prepared:
+    """One block ready for the model: its normalised input ``x`` (origin ``y0, x0`` in padded coordinates),
+    its tiles (``_spans`` pairs) and the result array, whose origin in padded coordinates is ``oy, ox``."""
+
+    x: np.ndarray
+    y0: int
+    x0: int
+    tiles: list
+    result: np.ndarray
+    oy: int
+    ox: int
+
+
+def _prepare_block(task: dict, plane: dict, region: tuple, record: Any) -> _Prepared:
+    """Read and normalise the input of one block (plus halo) and cut it into tiles."""
+    src = cached_array(task["src_store"], task["src_path"], "r")
     (H, W), grid = task["hw"], task["grid"]
     pad_y, pad_x = _pad_split(H, grid), _pad_split(W, grid)
     (ay, ax), Hp, Wp = (pad_y[0], pad_x[0]), H + sum(pad_y), W + sum(pad_x)
-    oy0, oy1, ox0, ox1 = task["region"]
+    oy0, oy1, ox0, ox1 = region
     ty = _spans(oy0 + ay, oy1 + ay, task["tile"], task["halo"], grid, Hp)
     tx = _spans(ox0 + ax, ox1 + ax, task["tile"], task["halo"], grid, Wp)
     # Read the union of all tiles' inputs once, mapping padded coords back into the image by reflection.
     y_idx = _reflect_index(np.arange(ty[0][2], ty[-1][3]) - ay, H)
     x_idx = _reflect_index(np.arange(tx[0][2], tx[-1][3]) - ax, W)
     ylo, yhi, xlo, xhi = int(y_idx.min()), int(y_idx.max()) + 1, int(x_idx.min()), int(x_idx.max()) + 1
-    raw = np.stack([oz.read_region(src, _index(task["src_dims"], task["plane"], c, slice(ylo, yhi), slice(xlo, xhi)),
+    raw = np.stack([oz.read_region(src, _index(task["src_dims"], plane, c, slice(ylo, yhi), slice(xlo, xhi)),
                                    task["input"]) for c in task["channels"]], axis=-1)
     raw = raw[y_idx - ylo][:, x_idx - xlo]
     if raw.dtype.kind == "f" and not np.isfinite(raw).all():
@@ -152,31 +223,8 @@ def _predict_block(task: dict) -> int:
     lo = np.asarray(task["lo"], np.float32)
     hi = np.asarray(task["hi"], np.float32)
     x = (raw.astype(np.float32) - lo) / (hi - lo + np.float32(1e-20))  # csbdeep normalize_mi_ma, float32
-    base_y, base_x = ty[0][2], tx[0][2]
     result = np.empty((oy1 - oy0, ox1 - ox0, task["n_out"]), np.float32)
-    tiles = [(a, b) for a in ty for b in tx]
-    by_shape: dict[tuple[int, int], list] = defaultdict(list)
-    for a, b in tiles:
-        by_shape[(a[3] - a[2], b[3] - b[2])].append((a, b))
-    lock = _MODEL_LOCKS[(task["model"], task["weights"])]
-    for group in by_shape.values():
-        for k in range(0, len(group), task["batch"]):
-            chunk = group[k:k + task["batch"]]
-            xb = np.stack([x[a[2] - base_y:a[3] - base_y, b[2] - base_x:b[3] - base_x] for a, b in chunk])
-            with lock:  # one model call at a time per process; other threads meanwhile read and write
-                yb = model.predict_batch(xb)
-            for (a, b), yt in zip(chunk, yb):
-                result[a[0] - ay - oy0:a[1] - ay - oy0, b[0] - ax - ox0:b[1] - ax - ox0] = \
-                    yt[a[0] - a[2]:a[1] - a[2], b[0] - b[2]:b[1] - b[2]]
-    if task["uint16"]:
-        scale, offset = task["uint16"]
-        result = np.clip(np.rint((result - offset) / scale), 0, 65535).astype(np.uint16)
-    dst[_index(task["dst_dims"], task["plane"], slice(None), slice(oy0, oy1), slice(ox0, ox1))] = \
-        np.moveaxis(result, -1, 0)
-    if task["marker"]:
-        Path(task["marker"]).parent.mkdir(parents=True, exist_ok=True)
-        Path(task["marker"]).touch()
-    return 1
+    return _Prepared(x, ty[0][2], tx[0][2], [(a, b) for a in ty for b in tx], result, oy0 + ay, ox0 + ax)
 
 
 def _model_info(model_dir: Path, weights: str | None) -> tuple[Any, dict, Path]:
@@ -251,7 +299,7 @@ def predict(model: str | Path, input: str | Path, output: str | Path, *, channel
             tile: int | None = None, batch: int | None = None, dtype: str = "float32",
             percentiles: str | Sequence[float] | None = None, norm_stats: str | None = None,
             norm_scope: str = "image", weights: str | None = None, resume: bool = False, overwrite: bool = False,
-            chunks: int | None = None, halo: int | None = None) -> Path:
+            chunks: int | None = None, halo: int | None = None, dry_run: bool = False) -> Path | dict:
     """Restore an OME-Zarr image, plate or folder with a CARE/L2L model, tile by tile on the Dask cluster.
 
     Parameters
@@ -283,11 +331,14 @@ def predict(model: str | Path, input: str | Path, output: str | Path, *, channel
         Output chunk side (default: the tile size). Each task computes one chunk.
     halo : int, optional
         Halo in pixels, at least the receptive field (the default, computed from the architecture).
+    dry_run : bool
+        Validate everything and build the whole task graph, wave by wave, without computing or writing
+        anything; return ``{"images", "blocks", "tasks"}`` instead of the output path.
 
     Returns
     -------
-    Path
-        The output path.
+    Path or dict
+        The output path (a dict with ``dry_run``).
     """
     from l2l_scale.cluster import compute_with_progress, current_client, worker_resources
     from l2l_scale.model import sha256_file
@@ -314,12 +365,10 @@ def predict(model: str | Path, input: str | Path, output: str | Path, *, channel
     oz.check_output(output, overwrite=overwrite, inputs=[input_path])  # fail before computing statistics
     images = {}
     for ref in refs:
-        img = oz.open_image(ref.path)
+        img = oz.image_meta(ref.path)  # metadata only: planning a field costs well under a millisecond
         if not {"y", "x"} <= set(img.dims):
             raise InputError(f"{ref.path}: image has no y/x axes; l2l-scale restores 2D planes")
-        if "c" not in img.dims:
-            img = img.expand_dims("c", axis=1 if "t" in img.dims else 0).assign_coords(c=["0"])
-        oz.select_channels(img, in_names)  # validates names with a clear error
+        oz.channel_indices(img.channel_names if "c" in img.dims else ["0"], in_names)  # clear error for bad names
         images[ref.key] = img
     norm = _norm_values(input_path, refs, in_names, q, norm_scope, norm_stats)
     checksum = sha256_file(weights_file)
@@ -330,16 +379,77 @@ def predict(model: str | Path, input: str | Path, output: str | Path, *, channel
     client = current_client()
     resources = {"GPU": 1} if worker_resources(client).get("GPU") else None
 
+    def units(tmp: Path, writer: Any, dry: bool):
+        """Per image: create its output group, then yield its block, pyramid and finishing tasks."""
+        from dask import delayed
+
+        groups = _SmallBlocks(plan)
+
+        for ref in refs:
+            img, lo_hi = images[ref.key], norm[ref.key]
+            gpath = _out_group_path(tmp, ref, kind)
+            src_dims = tuple(img.dims)
+            sizes = {"c": spec.n_channel_out, **{d: n for d, n in img.sizes.items() if d != "c"}}
+            dims = tuple(d for d in oz.DIM_ORDER if d in sizes)  # the output always has a channel axis
+            out_shape = tuple(sizes[d] for d in dims)
+            out_chunks = oz.default_chunks(out_shape, dims, chunk)
+            if dry:
+                plans = [oz.LevelPlan(str(i), s, tuple(min(c, n) for c, n in zip(out_chunks, s)))
+                         for i, s in enumerate(oz.pyramid_shapes(out_shape, dims))]
+            elif resume and (gpath / "zarr.json").exists() and "ome" in zarr.open_group(str(gpath), mode="r").attrs:
+                _, plans = oz.reopen_image_group(gpath)
+            else:
+                prov = oz.provenance(params, str(ref.path), model=model_prov,
+                                     normalization={"percentiles": list(q), "scope": norm_scope,
+                                                    "values": {ch: list(v) for ch, v in lo_hi.items()},
+                                                    "output_units": "normalised (input percentiles -> 0, 1)"},
+                                     **uint16_prov)
+                # The root image of a single-image output holds the progress folder: it is never cleared.
+                if gpath != tmp and gpath.exists():
+                    shutil.rmtree(gpath)
+                plans = oz.create_image_group(gpath, dims, out_shape, np.dtype(dtype), out_chunks,
+                                              img.pixel_size, out_names,
+                                              name=gpath.name.removesuffix(".zarr"),
+                                              attrs_extra={"l2l_scale": prov}, fill_value=0)
+            image = writer.image(ref.key, gpath, plans, dims, out_names)
+            # One shared description per image: each block task carries only its plane and region.
+            ctx = dict({"model": str(model_dir), "weights": weights_file.name, "input": str(ref.path),
+                           "src_store": str(ref.path), "src_path": img.array, "src_dims": src_dims,
+                           "dst_store": str(gpath), "dst_dims": dims,
+                           "channels": oz.channel_indices(img.channel_names or ["0"], in_names),
+                           "lo": [lo_hi[c][0] for c in in_names], "hi": [lo_hi[c][1] for c in in_names],
+                           "hw": (img.sizes["y"], img.sizes["x"]), "grid": plan.grid, "tile": plan.tile,
+                           "halo": plan.halo, "batch": plan.batch, "n_out": spec.n_channel_out, "uint16": uint16})
+            _add_blocks(image, img.sizes, dims, plans[0], ctx, delayed(ctx), groups)
+            yield from groups.ready(image)
+        yield from groups.ready(None)
+
+    if dry_run:
+        from dask.base import collections_to_expr
+
+        from l2l_scale.cluster import WAVE_TASKS
+        from l2l_scale.io.blockwrite import BlockWriter
+
+        writer, n_tasks, wave = BlockWriter(None), 0, []
+        for _, tasks in units(output, writer, True):
+            wave.extend(tasks)
+            if len(wave) >= WAVE_TASKS:
+                n_tasks += len(collections_to_expr(wave).__dask_graph__())
+                wave = []
+        n_tasks += len(collections_to_expr(wave).__dask_graph__()) if wave else 0
+        return {"images": len(refs), "blocks": writer.total, "tasks": n_tasks}
+
+    from l2l_scale.cluster import compute_waves
+    from l2l_scale.io.blockwrite import BlockWriter
+
+    model_prov = {"path": str(model_dir.resolve()), "weights": weights_file.name, "sha256": checksum, "metadata": meta}
+    uint16_prov = ({"uint16": {"scale": uint16[0], "offset": uint16[1], "meaning": "value = stored * scale + offset"}}
+                   if uint16 else {})
     with oz.atomic_output(output, overwrite=overwrite, resume=resume, inputs=[input_path]) as tmp:
         progress = tmp / oz.PROGRESS_DIR
-        run_file = progress / "run.json"
         run = {"model_checksum": checksum, "input": str(input_path.resolve()), **params}
-        if resume and run_file.exists():
-            previous = json.loads(run_file.read_text())
-            changed = sorted(k for k in run if previous.get(k) != run[k])
-            if changed:
-                raise OutputError(f"{output}: the unfinished run used different {', '.join(changed)}; rerun "
-                                  "with the same options, or with --overwrite to start again")
+        if resume:
+            oz.check_run(progress, run, output, resume)  # before anything is written
         if kind == "plate":
             layout: dict[tuple[str, str], list[str]] = {}
             for ref in refs:
@@ -347,79 +457,85 @@ def predict(model: str | Path, input: str | Path, output: str | Path, *, channel
                 layout.setdefault((r, c), []).append(f)
             root = zarr.open_group(str(tmp), mode="a", zarr_format=3)
             oz.write_plate_layout(root, layout, name=output.name.removesuffix(".zarr"))
-
-        groups, tasks, total = [], [], 0
-        for ref in refs:
-            img = images[ref.key]
-            lo_hi = norm[ref.key]
-            prov = oz.provenance(params, str(ref.path), model={"path": str(model_dir.resolve()),
-                                                              "weights": weights_file.name, "sha256": checksum,
-                                                              "metadata": meta},
-                                 normalization={"percentiles": list(q), "scope": norm_scope,
-                                                "values": {ch: list(v) for ch, v in lo_hi.items()},
-                                                "output_units": "normalised (input percentiles -> 0, 1)"},
-                                 **({"uint16": {"scale": uint16[0], "offset": uint16[1],
-                                                "meaning": "value = stored * scale + offset"}} if uint16 else {}))
-            gpath = _out_group_path(tmp, ref, kind)
-            dims = tuple(img.dims)
-            out_shape = tuple(spec.n_channel_out if d == "c" else n for d, n in zip(dims, img.shape))
-            if resume and (gpath / "zarr.json").exists():
-                group, plans = oz.reopen_image_group(gpath)
-            else:
-                group = zarr.open_group(str(gpath), mode="w", zarr_format=3)
-                plans = oz.create_image_group(
-                    group, dims, out_shape, np.dtype(dtype), oz.default_chunks(out_shape, dims, chunk),
-                    img.attrs["pixel_size"], out_names, name=gpath.name.removesuffix(".zarr"),
-                    attrs_extra={"l2l_scale": prov}, fill_value=0)
-            groups.append((ref, group, plans, dims, out_names))
-            tasks_img, n_img = _block_tasks(img, ref, dims, gpath, plans[0], model_dir, weights_file, in_names, lo_hi,
-                                            plan, spec, uint16, progress / "blocks" / (ref.key or "image"))
-            tasks += tasks_img
-            total += n_img
-        # Recorded after the groups exist: creating the root image group clears the folder it lives in.
-        progress.mkdir(parents=True, exist_ok=True)
-        run_file.write_text(json.dumps(run, indent=2))
-        if tasks:
-            from dask import delayed
-
-            compute_with_progress([delayed(_predict_block, pure=False)(t) for t in tasks],
-                                  f"predicting {len(tasks)} blocks", resources=resources)
-        print(f"computed {len(tasks)} of {total} blocks" + (f" ({total - len(tasks)} were already finished)"
-                                                           if total > len(tasks) else ""))
-        for ref, group, plans, dims, names in groups:
-            oz.write_lower_levels(group, plans, dims, done_dir=progress / "levels" / (ref.key or "image"),
-                                  label=f"pyramid {ref.key}".rstrip())
-            oz.finish_image_group(group, dims, names)
+        elif kind == "image" and not (resume and (tmp / "zarr.json").exists()):
+            zarr.open_group(str(tmp), mode="w", zarr_format=3)  # clears the folder before the records go in
+        oz.check_run(progress, run, output, False)
+        writer = BlockWriter(progress)
+        compute_waves(units(tmp, writer, False), "predicting blocks", n_units=len(refs),
+                      unit_name="fields" if kind == "plate" else "images", resources=resources)
+        total, computed = writer.total, writer.pending
+        print(f"computed {computed} of {total} blocks" + (f" ({total - computed} were already finished)"
+                                                          if total > computed else ""))
     return output
 
 
-def _block_tasks(img: Any, ref: Any, dims: tuple, gpath: Path, level0: Any, model_dir: Path, weights_file: Path,
-                 channels: list[str], lo_hi: dict, plan: TilePlan, spec: Any, uint16: Any,
-                 done_dir: Path) -> tuple[list[dict], int]:
-    """One task description per output chunk (per t/z plane) that has no completion marker yet."""
-    H, W = img.sizes["y"], img.sizes["x"]
-    src_store, src_path = str(ref.path), img.attrs["array"]
-    c_names = [str(c) for c in img.coords["c"].values]
+def _add_blocks(image: Any, sizes: dict, dims: tuple, level0: Any, ctx: dict, ctx_task: Any,
+                groups: "_SmallBlocks") -> None:
+    """One task per output chunk (per t/z plane) of level 0, small ones pooled across images by ``groups``;
+    finished blocks get no task."""
+    from dask import delayed
+
+    H, W = sizes["y"], sizes["x"]
     plane_dims = [d for d in dims if d in ("t", "z")]
     cy, cx = level0.chunks[dims.index("y")], level0.chunks[dims.index("x")]
-    tasks, total = [], 0
-    for plane_idx in np.ndindex(*[img.sizes[d] for d in plane_dims]):
+    for plane_idx in np.ndindex(*[sizes[d] for d in plane_dims]):
         plane = dict(zip(plane_dims, map(int, plane_idx)))
         for by, y0 in enumerate(range(0, H, cy)):
             for bx, x0 in enumerate(range(0, W, cx)):
-                total += 1
-                marker = done_dir / ".".join(map(str, (*plane_idx, by, bx)))
-                if marker.exists():
+                record = image.block_record(plane_idx, by, bx)
+                if record is False:
                     continue
-                tasks.append({
-                    "model": str(model_dir), "weights": weights_file.name, "input": str(ref.path),
-                    "src_store": src_store, "src_path": src_path, "src_dims": dims,
-                    "dst_store": str(gpath), "dst_dims": dims, "plane": plane,
-                    "channels": [c_names.index(c) for c in channels],
-                    "lo": [lo_hi[c][0] for c in channels], "hi": [lo_hi[c][1] for c in channels],
-                    "hw": (H, W), "grid": plan.grid,
-                    "tile": plan.tile, "halo": plan.halo, "batch": plan.batch, "n_out": spec.n_channel_out,
-                    "region": (y0, min(y0 + cy, H), x0, min(x0 + cx, W)), "uint16": uint16,
-                    "marker": str(marker),
-                })
-    return tasks, total
+                region = (y0, min(y0 + cy, H), x0, min(x0 + cx, W))
+                if not groups.add(image, (plane_idx, by, bx), (ctx, plane, region, record)):
+                    image.add_task(plane_idx, by, bx, delayed(_predict_block, pure=False)(ctx_task, plane, region,
+                                                                                         record))
+
+
+class _SmallBlocks:
+    """Pools blocks smaller than a quarter tile (the fields of a plate of small images) into shared tasks.
+
+    One model call per 256^2 field costs several times more per pixel than a call on a full tile. Blocks of
+    one shape are pooled, in plan order, into groups whose tiles fill one call of about a quarter of
+    ``batch`` full tiles' pixels (the same per call for every block of that shape, see :func:`_predict_blocks`).
+    Images are handed out (``ready``) once all their blocks have a task, several at a time when they share one.
+    """
+
+    def __init__(self, plan: TilePlan):
+        self.plan = plan
+        self.buffers: dict[tuple[int, int], list] = {}
+        self.waiting: list = []  # images not handed out yet
+
+    def per_call(self, h: int, w: int) -> int:
+        return max(1, (self.plan.batch * self.plan.tile ** 2) // (4 * h * w))
+
+    def add(self, image: Any, key: tuple, item: tuple) -> bool:
+        """Pool ``item`` (ctx, plane, region, record) if its block is small; False when it gets its own task."""
+        y0, y1, x0, x1 = item[2]
+        h, w = y1 - y0, x1 - x0
+        if h > self.plan.tile or w > self.plan.tile or 4 * h * w > self.plan.tile ** 2:
+            return False
+        buf = self.buffers.setdefault((h, w), [])
+        buf.append((image, key, item))
+        if len(buf) >= self.per_call(h, w):
+            self._flush((h, w))
+        return True
+
+    def _flush(self, shape: tuple[int, int]) -> None:
+        from dask import delayed
+
+        buf = self.buffers.pop(shape)
+        task = delayed(_predict_blocks, pure=False)(_Blocks([item for _, _, item in buf]), self.per_call(*shape))
+        for image, key, _ in buf:
+            image.add_task(*key, task)
+
+    def ready(self, image: Any):
+        """Yield ``(n, tasks)`` for the images whose blocks all have tasks (``image=None``: flush everything)."""
+        if image is not None:
+            self.waiting.append(image)
+        else:
+            for shape in list(self.buffers):
+                self._flush(shape)
+        # Only when nothing is pooled: then no task is shared with an image handed out later.
+        if self.waiting and not self.buffers:
+            done, self.waiting = self.waiting, []
+            yield len(done), list({t.key: t for im in done for t in im.tasks()}.values())

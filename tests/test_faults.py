@@ -20,6 +20,7 @@ import zarr
 
 from l2l_scale.errors import OutputError
 from l2l_scale.io import lock as lk
+from l2l_scale.io import blockwrite as bw
 from l2l_scale.io import ome_zarr as oz
 
 pytestmark = pytest.mark.timeout(600)
@@ -127,19 +128,19 @@ def test_worker_killed_mid_predict_gives_bit_identical_output(model, two_workers
     predict(model, src, tmp_path / "ref.zarr", channels=["AC-15"], tile=64, chunks=32)
 
     out = tmp_path / "out.zarr"
-    blocks = oz.partial_path(out) / oz.PROGRESS_DIR / "blocks" / "image"
+    progress = oz.partial_path(out) / oz.PROGRESS_DIR
     proc = subprocess.Popen(_cmd("predict", model, src, out, *common), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 300
         while time.time() < deadline and proc.poll() is None and \
-                (not blocks.exists() or len(list(blocks.iterdir())) < 8):
+                len(bw.recorded(progress, "0")) < 8:
             time.sleep(0.02)
         # SIGKILL the worker process itself (not its nanny) that is running a block right now.
         busy = [addr for addr, keys in client.processing().items() if keys]
         assert busy, "no worker was running a block; the run ended too early to test a worker loss"
         pids = client.run(os.getpid, workers=busy[:1])
-        done_at_kill = len(list(blocks.iterdir()))
+        done_at_kill = len(bw.recorded(progress, "0"))
         os.kill(pids[busy[0]], signal.SIGKILL)
         stdout, stderr = proc.communicate(timeout=300)
     finally:
@@ -220,12 +221,12 @@ def _stop_while_writing(proc: subprocess.Popen, out: Path) -> None:
     """Run ``proc`` in short slices (SIGCONT/SIGSTOP) and leave it stopped once it is writing ``out``.
 
     Stepping never misses the window in which the run holds the lock, however fast it is and however busy the
-    machine: block completion markers exist from the first finished block until just before the lock is
+    machine: block completion records exist from the first finished block until just before the lock is
     released.
     """
     import psutil
 
-    blocks = oz.partial_path(out) / oz.PROGRESS_DIR / "blocks" / "image"
+    progress = oz.partial_path(out) / oz.PROGRESS_DIR
     ps = psutil.Process(proc.pid)
     deadline = time.time() + 300
     while time.time() < deadline:
@@ -236,7 +237,7 @@ def _stop_while_writing(proc: subprocess.Popen, out: Path) -> None:
                 time.sleep(0.001)
         except psutil.NoSuchProcess:
             return
-        if (blocks.exists() and any(blocks.iterdir())) or proc.poll() is not None:
+        if bw.recorded(progress) or proc.poll() is not None:
             return
         proc.send_signal(signal.SIGCONT)
 

@@ -14,6 +14,7 @@ import xarray as xr
 import zarr
 
 from l2l_scale.errors import ChannelError, InputError, OutputError
+from l2l_scale.io import blockwrite as bw
 from l2l_scale.io import ome_zarr as oz
 
 
@@ -162,7 +163,7 @@ def _fail_once_a_write_runs(block, block_info=None):
     return block
 
 
-def _slow_first_write(block, target, region, marker, _write=oz._write_block):
+def _slow_first_write(block, target, region, marker, _write=bw.write_block):
     if all(r.start == 0 for r in region):
         _WRITE_RUNNING.set()
         time.sleep(1.0)  # still writing when block (1, 1) fails
@@ -174,7 +175,7 @@ def test_failed_write_waits_for_running_writes_before_cleaning_up(tmp_path, monk
     """A chunk write still running when another block fails must not recreate the removed output afterwards."""
     import contextlib
 
-    monkeypatch.setattr(oz, "_write_block", _slow_first_write)
+    monkeypatch.setattr(bw, "write_block", _slow_first_write)
     _WRITE_RUNNING.clear()
     arr = da.ones((256, 256), chunks=(128, 128), dtype=np.uint16).map_blocks(_fail_once_a_write_runs, dtype=np.uint16)
     if scheduler == "threads":
@@ -278,3 +279,27 @@ def test_damaged_chunks_are_named_and_other_errors_surface(tmp_path, codec):
     for exc in (MemoryError(), TimeoutError("read timed out"), PermissionError("denied"), NotImplementedError()):
         with pytest.raises(type(exc)):
             oz.read_region(Failing(exc), (slice(0, 8),), tmp_path)
+
+
+def test_plate_pyramids_in_one_graph_are_2x_means_for_mixed_sizes_and_dtypes(tmp_path):
+    """Every field's levels, computed in one graph with level 0, equal the 2x mean of the level below."""
+    rng = np.random.default_rng(7)
+    fields = {"A/1/0": rng.integers(0, 60000, (1, 300, 260), dtype=np.uint16),
+              "A/1/1": rng.normal(0, 1, (2, 257, 515)).astype(np.float32),
+              "B/4/0": rng.integers(-30000, 30000, (1, 140, 129), dtype=np.int16)}
+    arrays = {k: xr.DataArray(v, dims=("c", "y", "x")) for k, v in fields.items()}
+    out = oz.write_plate(arrays, tmp_path / "p.zarr", chunks=64, top_max=64)
+    for key, data in fields.items():
+        group = zarr.open_group(str(out / key), mode="r")
+        levels = [group[d["path"]][...] for d in group.attrs["ome"]["multiscales"][0]["datasets"]]
+        assert len(levels) == len(oz.pyramid_shapes(data.shape, ("c", "y", "x"), 64)) >= 2
+        np.testing.assert_array_equal(levels[0], data)
+        for fine, coarse in zip(levels[:-1], levels[1:]):
+            c, h, w = coarse.shape
+            mean = fine[:, :2 * h, :2 * w].astype(np.float64).reshape(c, h, 2, w, 2).mean(axis=(2, 4))
+            if fine.dtype.kind in "iu":
+                info = np.iinfo(fine.dtype)
+                np.testing.assert_array_equal(coarse, np.clip(np.round(mean), info.min, info.max).astype(fine.dtype))
+            else:
+                np.testing.assert_allclose(coarse, mean, rtol=1e-6, atol=1e-6)
+            assert coarse.dtype == fine.dtype

@@ -431,3 +431,40 @@ def test_big_endian_ngff_04_image_as_bioformats2raw_writes_it(tmp_path):
     for c, name in enumerate(("a", "b")):
         lo, hi = np.percentile(data[c].astype(np.uint16), (1, 99.9))
         assert (stats["images"][""][name]["lo"], stats["images"][""][name]["hi"]) == (lo, hi)
+
+
+def test_stats_writes_nothing_into_the_installed_package(tmp_path):
+    """numba's default cache lives next to the source file: after `pip install .` that is site-packages."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from l2l_scale.io import ome_zarr as oz
+
+    repo = Path(__file__).resolve().parents[1]
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(repo / name, src / name)
+    shutil.copytree(repo / "l2l_scale", src / "l2l_scale", ignore=shutil.ignore_patterns("__pycache__"))
+    site = tmp_path / "site"
+    pip = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--quiet",
+                          "--target", str(site), str(src)], capture_output=True, text=True)
+    assert pip.returncode == 0, pip.stderr
+    package = site / "l2l_scale"
+    before = sorted(p.relative_to(package) for p in package.rglob("*"))
+    image = oz.write_image(xr.DataArray(np.arange(64 * 64, dtype=np.uint16).reshape(1, 64, 64), dims=("c", "y", "x"),
+                                        coords={"c": ["a"]}), tmp_path / "img.zarr")
+    env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_CACHE_DIR", "PYTHONPATH")}
+    # Python's own bytecode is not what this test is about (pip compiles it at install time anyway).
+    env.update(PYTHONPATH=str(site), XDG_CACHE_HOME=str(tmp_path / "cache"), HOME=str(tmp_path),
+               PYTHONDONTWRITEBYTECODE="1")
+    code = ("import sys, l2l_scale; from l2l_scale.cli import main; print(l2l_scale.__file__); "
+            f"sys.exit(main(['stats', {str(image)!r}, '--scheduler', 'threads']))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines()[0] == str(package / "__init__.py")
+    assert sorted(p.relative_to(package) for p in package.rglob("*")) == before
+    assert list((tmp_path / "cache" / "l2l-scale" / "numba").rglob("*.nbi")), "the kernel cache goes to the user cache"

@@ -17,6 +17,7 @@ import xarray as xr
 import zarr
 
 from l2l_scale.errors import ChannelError, ConfigError, InputError, ModelError, OutputError
+from l2l_scale.io import blockwrite as bw
 from l2l_scale.io import ome_zarr as oz
 from l2l_scale.predict import TilePlan, _pad_split, _reflect_index, predict
 
@@ -169,34 +170,81 @@ def _cli(*args, **kw):
                           **kw)
 
 
-def test_resume_after_kill_is_bit_identical(models, tmp_path):
+def _chunk_mtimes(path: Path) -> dict[str, int]:
+    return {str(f.relative_to(path)): f.stat().st_mtime_ns for f in path.rglob("*") if "c" in f.parts and f.is_file()}
+
+
+def test_resume_after_kill_on_a_plate_is_bit_identical(models, tmp_path):
+    """12 fields, SIGKILL part-way, --resume: bit-identical, finished blocks untouched, no per-block files."""
     care = models["d1"]
     mdir = Path(care.basedir) / "d1"
-    data = _structured((1, 512, 512), 5)
-    src = oz.write_image(xr.DataArray(data, dims=("c", "y", "x"), coords={"c": ["AC-15"]}), tmp_path / "in.zarr")
-    common = ["--channel", "AC-15", "--tile", "64", "--scheduler", "threads"]
-    full = _cli("predict", mdir, src, tmp_path / "full.zarr", *common)
-    assert full.returncode == 0, full.stderr
-    assert "computed 64 of 64 blocks" in full.stdout
+    fields = {f"{'AB'[i // 6]}/{i % 6 + 1}/0": xr.DataArray(_structured((1, 128, 128), 20 + i), dims=("c", "y", "x"),
+                                                              coords={"c": ["AC-15"]}) for i in range(12)}
+    src = oz.write_plate(fields, tmp_path / "in.zarr", chunks=64)
+    # 32^2 blocks are small next to 64^2 tiles: they are predicted four at a time, pooled across fields.
+    common = ["--channel", "AC-15", "--tile", "64", "--chunks", "32", "--scheduler", "threads"]
+    total = 12 * 16
+    predict(mdir, src, tmp_path / "full.zarr", channels=["AC-15"], tile=64, chunks=32)  # uninterrupted reference
     out = tmp_path / "resumed.zarr"
+    partial = oz.partial_path(out)
     proc = subprocess.Popen([sys.executable, "-m", "l2l_scale.cli", "predict", str(mdir), str(src), str(out),
                              *common], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    blocks = oz.partial_path(out) / oz.PROGRESS_DIR / "blocks" / "image"
+    progress = partial / oz.PROGRESS_DIR
     deadline = time.time() + 300
-    while time.time() < deadline and (not blocks.exists() or len(list(blocks.iterdir())) < 10):
-        time.sleep(0.05)
+    while time.time() < deadline and len(bw.recorded(progress, "0")) < 40:
+        time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    finished = len(list(blocks.iterdir()))
-    assert 10 <= finished < 64, "the run must be interrupted part-way"
+    finished = bw.recorded(progress, "0")
+    assert 40 <= len(finished) < total, "the run must be interrupted part-way"
+    records = [f for f in progress.rglob("*") if f.is_file()]
+    assert len(records) <= 3, f"completion records must not be one file per block: {records}"  # run.json + journal
     assert not out.exists()
+    before = _chunk_mtimes(partial)
     again = _cli("predict", mdir, src, out, *common)
     assert again.returncode == 2 and "interrupted run; pass --resume" in again.stderr
     assert len(again.stderr.strip().splitlines()) == 1
     resumed = _cli("predict", mdir, src, out, *common, "--resume")
     assert resumed.returncode == 0, resumed.stderr
-    assert f"computed {64 - finished} of 64 blocks ({finished} were already finished)" in resumed.stdout
+    n = len(finished)
+    assert f"computed {total - n} of {total} blocks ({n} were already finished)" in resumed.stdout
+    # Only unfinished blocks were recomputed: the chunks of every recorded block were not written again.
+    after = _chunk_mtimes(out)
+    for key in finished:
+        field, _, index = key.rsplit(":", 2)
+        by, bx = index.split(".")[-2:]
+        chunk = f"{field}/0/c/0/{by}/{bx}"
+        assert after[chunk] == before[chunk], f"finished block {key} was recomputed"
     a = zarr.open_group(str(tmp_path / "full.zarr"), mode="r")
     b = zarr.open_group(str(out), mode="r")
-    for level in ("0",):
-        np.testing.assert_array_equal(a[level][...], b[level][...])
+    for key in fields:
+        np.testing.assert_array_equal(a[key]["0"][...], b[key]["0"][...])
+    assert not (out / oz.PROGRESS_DIR).exists()
+
+
+def test_plate_of_mixed_fields_and_pyramid_in_one_graph(models, tmp_path, capsys):
+    """Fields of different sizes and dtypes, an empty well, and a field tall enough for a two-level pyramid."""
+    care = models["d1"]
+    data = {"A/1/0": _structured((1, 96, 120), 1),
+            "A/1/1": (_structured((1, 130, 77), 2) / 7.0).astype(np.float32),
+            "B/2/0": _structured((1, 1100, 40), 3).astype(np.int16)}
+    plate = oz.write_plate({k: xr.DataArray(v, dims=("c", "y", "x"), coords={"c": ["AC-15"]})
+                            for k, v in data.items()}, tmp_path / "plate.zarr", chunks=64)
+    root = zarr.open_group(str(plate), mode="r+")
+    ome = dict(root.attrs["ome"])
+    ome["plate"] = {**ome["plate"], "columns": ome["plate"]["columns"] + [{"name": "3"}],
+                    "wells": ome["plate"]["wells"] + [{"path": "B/3", "rowIndex": 1, "columnIndex": 2}]}
+    root.attrs["ome"] = ome  # B/3 is listed but was never acquired
+    out = predict(Path(care.basedir) / "d1", plate, tmp_path / "out.zarr", channels=["AC-15"], tile=128, chunks=64)
+    assert "1 well(s) without fields are skipped: B/3" in capsys.readouterr().err
+    assert oz.list_fields(out) == ["A/1/0", "A/1/1", "B/2/0"]
+    for key, x in data.items():
+        np.testing.assert_allclose(oz.open_image(out, field=key).values, _reference(care, x, [0]), atol=1e-4, rtol=0)
+    group = zarr.open_group(str(out / "B/2/0"), mode="r")
+    level0, level1 = group["0"][...], group["1"][...]
+    assert level1.shape == (1, 550, 20)
+    np.testing.assert_allclose(level1, level0.reshape(1, 550, 2, 20, 2).mean(axis=(2, 4)), rtol=1e-6, atol=0)
+    ome["plate"] = {**ome["plate"], "wells": [{"path": "B/3", "rowIndex": 1, "columnIndex": 2}]}
+    root.attrs["ome"] = ome
+    with pytest.raises(InputError, match="the plate has no fields"):
+        predict(Path(care.basedir) / "d1", plate, tmp_path / "none.zarr", channels=["AC-15"])

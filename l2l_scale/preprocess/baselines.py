@@ -527,7 +527,7 @@ def _halo(method: str, params: Mapping[str, Any]) -> int | str:
 
 def run_baseline(method: str, input: str | Path, output: str | Path, *, channels: Sequence[str],
                  preset: str | None = None, overwrite: bool = False, chunks: int | None = None,
-                 **overrides: Any) -> Path:
+                 resume: bool = False, **overrides: Any) -> Path:
     """Apply a baseline to channels of an image, plate or folder and write float32 OME-Zarr in the same layout.
 
     Parameters
@@ -539,6 +539,8 @@ def run_baseline(method: str, input: str | Path, output: str | Path, *, channels
         Channels to filter (each independently); the output holds only these.
     preset : {"actin", "tubulin", "caveolae", "pxn"}, optional
         Table S1 parameters; explicit ``overrides`` win.
+    resume : bool
+        Finish an interrupted run with the same options: only unfinished blocks are computed.
     **overrides
         ``sigma``, ``radius``, ``size``, ``grid``, ``kernel_size``, ``clip_limit``, ``nbins``.
     """
@@ -569,5 +571,5 @@ def run_baseline(method: str, input: str | Path, output: str | Path, *, channels
         items.append((ref.key, out, oz.provenance(record, str(ref.path), baseline=record)))
     chunk = chunks or _yx_chunk(images[0][1])
     root = oz.provenance(record, str(input), baseline=record) if kind == "plate" else None
-    return write_dataset(kind, items, output, root_provenance=root, overwrite=overwrite, inputs=[input],
-                         chunks=chunk, label=f"{method}")
+    return write_dataset(kind, items, output, root_provenance=root, overwrite=overwrite, resume=resume,
+                         inputs=[input], chunks=chunk, label=f"{method}")

@@ -523,9 +523,11 @@ def _check_limit(shift: np.ndarray, limit: float, what: str) -> None:
 
 
 def write_dataset(kind: str, items: Sequence[tuple[str, xr.DataArray, Mapping[str, Any]]], output: str | Path, *,
-                  root_provenance: Mapping[str, Any] | None = None, overwrite: bool = False,
+                  root_provenance: Mapping[str, Any] | None = None, overwrite: bool = False, resume: bool = False,
                   inputs: Sequence[str | Path] = (), chunks: Any = None, label: str = "writing") -> Path:
     """Write one output image per input image, in the input's layout (image, HCS plate, or folder).
+
+    All images, blocks and pyramid levels are written in one run (:func:`l2l_scale.cluster.compute_waves`).
 
     Parameters
     ----------
@@ -539,35 +541,48 @@ def write_dataset(kind: str, items: Sequence[tuple[str, xr.DataArray, Mapping[st
         Written atomically: it appears only when every image is complete.
     root_provenance : mapping, optional
         Stored on the plate group (plates only).
+    resume : bool
+        Finish an interrupted run with the same options: only blocks without a completion record are written.
     chunks : int or mapping, optional
         y/x chunk size, see :func:`~l2l_scale.io.ome_zarr.write_image`.
     """
     import zarr
 
+    from l2l_scale.cluster import compute_waves
     from l2l_scale.io import ome_zarr as oz
+    from l2l_scale.io.blockwrite import BlockWriter
 
     output = Path(output)
-    if kind == "image":
-        (_, img, prov), = items
-        return oz.write_image(img, output, provenance=prov, overwrite=overwrite, inputs=inputs, chunks=chunks,
-                              label=label)
-    with oz.atomic_output(output, overwrite=overwrite, inputs=inputs) as tmp:
+    # What the images are made of; when and by which command line they were made may differ on resume.
+    run = {key: {k: v for k, v in prov.items() if k not in ("created", "command")} for key, _, prov in items}
+    with oz.atomic_output(output, overwrite=overwrite, resume=resume, inputs=inputs) as tmp:
+        progress = tmp / oz.PROGRESS_DIR
+        if resume:
+            oz.check_run(progress, {"images": run}, output, resume)
         if kind == "plate":
             layout: dict[tuple[str, str], list[str]] = {}
             for key, _, _ in items:
                 r, c, f = oz.split_field_key(key)
                 layout.setdefault((r, c), []).append(f)
-            root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+            root = zarr.open_group(str(tmp), mode="a", zarr_format=3)
             oz.write_plate_layout(root, {rc: sorted(f, key=int) for rc, f in layout.items()},
                                   name=output.name.removesuffix(".zarr"),
                                   attrs_extra={"l2l_scale": dict(root_provenance)} if root_provenance else None)
-        for key, img, prov in items:
-            if kind == "plate":
-                r, c, f = oz.split_field_key(key)
-                dest, name = tmp / r / c / f, f"{r}{c}-{f}"
-            else:
-                dest, name = tmp / f"{key}.zarr", key
-            oz.write_image(img, dest, provenance=prov, chunks=chunks, name=name, label=f"{label} {key}".rstrip())
+
+        def units():
+            for key, img, prov in items:
+                if kind == "image":
+                    dest, name = tmp, output.name.removesuffix(".zarr")
+                elif kind == "plate":
+                    r, c, f = oz.split_field_key(key)
+                    dest, name = tmp / r / c / f, f"{r}{c}-{f}"
+                else:
+                    dest, name = tmp / f"{key}.zarr", key
+                yield oz.image_write_tasks(dest, img, writer, unit=key, chunks=chunks, name=name, resume=resume,
+                                           attrs_extra={"l2l_scale": dict(prov)} if prov else None)
+
+        writer = BlockWriter(progress if resume else None)
+        compute_waves(units(), label, n_units=len(items), unit_name="fields" if kind == "plate" else "images")
     return output
 
 
@@ -613,7 +628,7 @@ def _same_geometry(a: xr.DataArray, b: xr.DataArray, pa: Any, pb: Any) -> None:
 def register(input: str | Path, output: str | Path, *, reference: str, moving: Sequence[str], method: str = "phase",
              moving_image: str | Path | None = None, max_shift: float | None = None,
              n_patches: int = DEFAULT_PATCHES, order: int = 1, seed: int = 0, overwrite: bool = False,
-             chunks: int | None = None) -> dict[str, dict]:
+             chunks: int | None = None, resume: bool = False) -> dict[str, dict]:
     """Register channels of an image, plate or folder onto a reference channel and write the result.
 
     Parameters
@@ -639,6 +654,8 @@ def register(input: str | Path, output: str | Path, *, reference: str, moving: S
         Patch sampling seed (combined with each field's key).
     overwrite : bool
         Replace an existing output.
+    resume : bool
+        Finish an interrupted run with the same options (see :func:`write_dataset`).
     chunks : int, optional
         Output chunk side (default: the input's).
 
@@ -742,8 +759,8 @@ def register(input: str | Path, output: str | Path, *, reference: str, moving: S
         items.append((ref.key, out, prov))
     chunk = chunks or _yx_chunk(oz.open_image(refs[0].path))
     root = oz.provenance(params, [str(p) for p in inputs], registration={"fields": results}) if kind == "plate" else None
-    write_dataset(kind, items, output, root_provenance=root, overwrite=overwrite, inputs=inputs, chunks=chunk,
-                  label="registering")
+    write_dataset(kind, items, output, root_provenance=root, overwrite=overwrite, resume=resume, inputs=inputs,
+                  chunks=chunk, label="registering")
     return results
 
 
