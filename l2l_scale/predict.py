@@ -131,7 +131,7 @@ def _predict_block(task: dict) -> int:
     from l2l_scale.model import configure_tf_threads, get_cached_model
 
     configure_tf_threads(_worker_threads())
-    model = get_cached_model(task["model"], task["weights"])
+    model = get_cached_model(task["model"], task["weights"], task["precision"])
     src = zarr.open_array(store=task["src_store"], path=task["src_path"], mode="r")
     dst = zarr.open_array(store=task["dst_store"], path="0", mode="r+")
     (H, W), grid = task["hw"], task["grid"]
@@ -251,7 +251,7 @@ def predict(model: str | Path, input: str | Path, output: str | Path, *, channel
             tile: int | None = None, batch: int | None = None, dtype: str = "float32",
             percentiles: str | Sequence[float] | None = None, norm_stats: str | None = None,
             norm_scope: str = "image", weights: str | None = None, resume: bool = False, overwrite: bool = False,
-            chunks: int | None = None, halo: int | None = None) -> Path:
+            chunks: int | None = None, halo: int | None = None, precision: str = "fp32") -> Path:
     """Restore an OME-Zarr image, plate or folder with a CARE/L2L model, tile by tile on the Dask cluster.
 
     Parameters
@@ -282,6 +282,10 @@ def predict(model: str | Path, input: str | Path, output: str | Path, *, channel
         Output chunk side (default: the tile size). Each task computes one chunk.
     halo : int, optional
         Halo in pixels, at least the receptive field (the default, computed from the architecture).
+    precision : {"fp32", "bf16", "fp16"}
+        Compute precision of the network (see :mod:`l2l_scale.model.backend`); fp32 is exact. Recorded in the
+        provenance; ``resume`` refuses a different one. bf16/fp16 are refused on CPUs without instructions for
+        them (unless the cluster's workers have GPUs).
 
     Returns
     -------
@@ -289,15 +293,19 @@ def predict(model: str | Path, input: str | Path, output: str | Path, *, channel
         The output path.
     """
     from l2l_scale.cluster import compute_with_progress, current_client, worker_resources
-    from l2l_scale.model import sha256_file
+    from l2l_scale.model import check_backend, check_precision, sha256_file
     from l2l_scale.preprocess.normalize import parse_percentiles
 
     model_dir, input_path, output = Path(model), Path(input), Path(output)
+    check_backend()
     if dtype not in ("float32", "uint16"):
         raise ConfigError(f"dtype {dtype!r} is not supported; use float32 or uint16")
     if norm_scope not in ("image", "dataset"):
         raise ConfigError(f"norm scope {norm_scope!r} is not supported; use image or dataset")
     spec, meta, weights_file = _model_info(model_dir, weights)
+    client = current_client()
+    resources = {"GPU": 1} if worker_resources(client).get("GPU") else None
+    check_precision(precision, accelerator=resources is not None)
     plan = TilePlan.for_model(spec, tile, batch, halo)
     chunk = int(chunks or plan.tile)
     if chunk < 16:
@@ -322,17 +330,15 @@ def predict(model: str | Path, input: str | Path, output: str | Path, *, channel
     checksum = sha256_file(weights_file)
     params = {"model": str(model_dir), "weights": weights_file.name, "channels": in_names, "tile": plan.tile,
               "batch": plan.batch, "halo": plan.halo, "grid": plan.grid, "chunks": chunk, "dtype": dtype,
-              "percentiles": list(q), "norm_scope": norm_scope, "norm_stats": norm_stats}
+              "percentiles": list(q), "norm_scope": norm_scope, "norm_stats": norm_stats, "precision": precision}
     uint16 = ((UINT16_RANGE[1] - UINT16_RANGE[0]) / 65535.0, UINT16_RANGE[0]) if dtype == "uint16" else None
-    client = current_client()
-    resources = {"GPU": 1} if worker_resources(client).get("GPU") else None
 
     with oz.atomic_output(output, overwrite=overwrite, resume=resume, inputs=[input_path]) as tmp:
         progress = tmp / oz.PROGRESS_DIR
         run_file = progress / "run.json"
         run = {"model_checksum": checksum, "input": str(input_path.resolve()), **params}
         if resume and run_file.exists():
-            previous = json.loads(run_file.read_text())
+            previous = {"precision": "fp32", **json.loads(run_file.read_text())}  # runs from before --precision
             changed = sorted(k for k in run if previous.get(k) != run[k])
             if changed:
                 raise OutputError(f"{output}: the unfinished run used different {', '.join(changed)}; rerun "
@@ -370,7 +376,7 @@ def predict(model: str | Path, input: str | Path, output: str | Path, *, channel
                     attrs_extra={"l2l_scale": prov}, fill_value=0)
             groups.append((ref, group, plans, dims, out_names))
             tasks_img, n_img = _block_tasks(img, ref, dims, gpath, plans[0], model_dir, weights_file, in_names, lo_hi,
-                                            plan, spec, uint16, progress / "blocks" / (ref.key or "image"))
+                                            plan, spec, uint16, progress / "blocks" / (ref.key or "image"), precision)
             tasks += tasks_img
             total += n_img
         # Recorded after the groups exist: creating the root image group clears the folder it lives in.
@@ -392,7 +398,7 @@ def predict(model: str | Path, input: str | Path, output: str | Path, *, channel
 
 def _block_tasks(img: Any, ref: Any, dims: tuple, gpath: Path, level0: Any, model_dir: Path, weights_file: Path,
                  channels: list[str], lo_hi: dict, plan: TilePlan, spec: Any, uint16: Any,
-                 done_dir: Path) -> tuple[list[dict], int]:
+                 done_dir: Path, precision: str) -> tuple[list[dict], int]:
     """One task description per output chunk (per t/z plane) that has no completion marker yet."""
     H, W = img.sizes["y"], img.sizes["x"]
     src_store, src_path = str(ref.path), img.attrs["array"]
@@ -417,6 +423,6 @@ def _block_tasks(img: Any, ref: Any, dims: tuple, gpath: Path, level0: Any, mode
                     "hw": (H, W), "grid": plan.grid,
                     "tile": plan.tile, "halo": plan.halo, "batch": plan.batch, "n_out": spec.n_channel_out,
                     "region": (y0, min(y0 + cy, H), x0, min(x0 + cx, W)), "uint16": uint16,
-                    "marker": str(marker),
+                    "marker": str(marker), "precision": precision,
                 })
     return tasks, total
