@@ -14,7 +14,8 @@ runs them natively):
 
 and ``memory.peak_gb``: the accelerator's peak memory (JAX ``memory_stats``, ``torch.cuda``, TensorFlow
 ``get_memory_info``), or this process's peak resident memory on a CPU. ``--quick`` (CPU, CI): 256^2 image,
-128^2 tiles, a few seconds of compute. ``tensorflow_imported`` says whether TensorFlow was loaded (it must not be under JAX/PyTorch).
+128^2 tiles, a few seconds of compute. ``tensorflow_imported`` says whether TensorFlow was loaded (it must not
+be under JAX or PyTorch).
 """
 
 from __future__ import annotations
@@ -161,7 +162,6 @@ def _run() -> str:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="gpu_check_"))
     work.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    timings: dict = {}
     model = work / "model"
     if not (model / "config.json").exists():
         _make_model(model)
