@@ -1,7 +1,7 @@
 """Benchmark tiled prediction against the model's raw speed and CSBDeep, in one run on this machine.
 
     python benchmarks/bench_predict.py [--quick] [--sizes 2048,4096,8192] [--json OUT.json]
-        [--precisions fp32,bf16] [--csbdeep-max-tile 4096]
+        [--precisions fp32,bf16] [--csbdeep-max-tile 4096] [--csbdeep-tilings 1,2,4,8] [--no-l2l-fp32]
 
 Model: the CSBDeep default architecture (depth 2, kernel 5, 32 first filters) with random weights. Images: simulated
 actin (the input label), written as OME-Zarr before timing. Each measurement runs in its own subprocess so that
@@ -113,7 +113,7 @@ def _child_raw(model: Path, size: int, precision: str = "fp32") -> dict:
             "precision": precision}
 
 
-def _child_csbdeep(model: Path, image: Path, size: int, max_tile: int) -> dict:
+def _child_csbdeep(model: Path, image: Path, size: int, max_tile: int, tilings: str = "1,2,4,8") -> dict:
     from csbdeep.models import CARE
 
     from l2l_scale.io import open_image
@@ -126,7 +126,7 @@ def _child_csbdeep(model: Path, image: Path, size: int, max_tile: int) -> dict:
     x = (x - lo) / (hi - lo)
     care.keras_model.predict(np.zeros((1, 64, 64, 1), np.float32), verbose=0)  # compile
     results = {}
-    for k in (1, 2, 4, 8):
+    for k in map(int, tilings.split(",")):
         if size / k > max_tile:
             results[f"{k}x{k}"] = f"skipped (tile > {max_tile}^2)"
             continue
@@ -183,6 +183,9 @@ def main() -> None:
     ap.add_argument("--precisions", default="fp32,bf16", help="l2l/raw precisions (default fp32,bf16)")
     ap.add_argument("--csbdeep-max-tile", type=int, default=4096,
                     help="skip CSBDeep tilings whose tile side exceeds this (bounds its memory; default 4096)")
+    ap.add_argument("--csbdeep-tilings", default="1,2,4,8", help="CSBDeep n_tiles per axis to try (default 1,2,4,8)")
+    ap.add_argument("--no-l2l-fp32", action="store_true",
+                    help="skip l2l at fp32 (only the precision axis; for a shorter run on a busy machine)")
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -190,7 +193,7 @@ def main() -> None:
         if kind == "raw":
             res = _child_raw(Path(rest[0]), int(rest[1]), *rest[2:])
         elif kind == "csbdeep":
-            res = _child_csbdeep(Path(rest[0]), Path(rest[1]), int(rest[2]), int(rest[3]))
+            res = _child_csbdeep(Path(rest[0]), Path(rest[1]), int(rest[2]), int(rest[3]), *rest[4:])
         else:
             res = _child_l2l(Path(rest[0]), Path(rest[1]), Path(rest[2]), Path(rest[3]), int(rest[4]), *rest[5:])
         print(json.dumps(res))
@@ -218,8 +221,10 @@ def main() -> None:
             _make_image(image, size)
         entry = {
             "raw": _run_child(["raw", str(model), str(size)]),
-            "csbdeep": _run_child(["csbdeep", str(model), str(image), str(size), str(args.csbdeep_max_tile)]),
-            "l2l": _run_child(["l2l", str(model), str(image), str(warm), str(work / f"out_{size}.zarr"), str(size)]),
+            "csbdeep": _run_child(["csbdeep", str(model), str(image), str(size), str(args.csbdeep_max_tile),
+                                   args.csbdeep_tilings]),
+            "l2l": ({"skipped": "--no-l2l-fp32"} if args.no_l2l_fp32 else
+                    _run_child(["l2l", str(model), str(image), str(warm), str(work / f"out_{size}.zarr"), str(size)])),
         }
         for p in precisions:
             entry[f"raw_{p}"] = _run_child(["raw", str(model), str(size), p])
