@@ -77,12 +77,12 @@ def test_bf16_accuracy_budget_tiled_equals_whole_and_provenance(trained, tmp_pat
     assert abs(p_db["bf16"] - p_db["fp32"]) <= 0.1
     assert abs(s5["bf16"] - s5["fp32"]) <= 0.005
 
-    # tiled equals whole at bf16, within bf16's tolerance (one rounding of the last bf16 layer: 2^-8 relative)
+    # tiled equals whole at bf16 (0.0 difference measured on this CPU; the bound allows other summation orders)
     values = img["bf16"].attrs["l2l_scale"]["normalization"]["values"]["AC-15"]
     raw = oz.open_image(trained["image"]).values[0].astype(np.float32)
     x = (raw - np.float32(values[0])) / np.float32(values[1] - values[0])
     whole = load_model(trained["model"], precision="bf16").predict_batch(x[None, ..., None])[0, ..., 0]
-    np.testing.assert_allclose(y["bf16"], whole, atol=2e-2 * rng, rtol=0)
+    np.testing.assert_allclose(y["bf16"], whole, atol=1e-3 * rng, rtol=0)
 
 
 def test_resume_refuses_another_precision(trained, tmp_path, monkeypatch):
