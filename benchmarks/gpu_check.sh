@@ -6,8 +6,9 @@
 # Runs benchmarks/gpu_check.py from this checkout (no install of l2l-scale itself, so its TensorFlow dependency
 # is never needed). The backend is KERAS_BACKEND if set, else jax, torch or tensorflow, whichever is importable.
 # --wheels DIR: first install the missing runtime packages (keras, dask, zarr, ...) from DIR into a virtual
-# environment that sees the system's packages (pip --no-index: nothing is downloaded). Build DIR elsewhere with
-#   pip download -d DIR keras h5py dask distributed zarr xarray pydantic pyyaml rich psutil scipy
+# environment that sees the system's packages (pip --no-index: nothing is downloaded): l2l-scale's dependencies
+# from pyproject.toml without tensorflow and csbdeep. Build DIR elsewhere with pip download -d DIR on that list
+# (plus jax[cuda12] or torch if the node has neither).
 # --quick runs on a CPU in about a minute (CI); the full run (8192^2 image) fits in 5 minutes on a GPU.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -21,8 +22,20 @@ while [ $# -gt 0 ]; do
     *) args+=("$1"); shift ;;
   esac
 done
-runtime=(keras h5py numpy dask distributed zarr xarray pydantic pyyaml rich psutil scipy)
 if [ -n "$wheels" ]; then
+  # l2l-scale's own dependencies from pyproject.toml, less TensorFlow and CSBDeep (training only)
+  mapfile -t runtime < <("$python" - "$root/pyproject.toml" <<'PY'
+import re, sys
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    import tomli as tomllib
+with open(sys.argv[1], "rb") as f:
+    for dep in tomllib.load(f)["project"]["dependencies"]:
+        if re.match(r"[A-Za-z0-9_.-]+", dep).group(0).lower() not in ("tensorflow", "csbdeep"):
+            print(dep)
+PY
+)
   [ -d "$wheels" ] || { echo "gpu_check.sh: error: wheel folder $wheels not found; pass --wheels DIR" >&2; exit 2; }
   venv="${GPU_CHECK_VENV:-${TMPDIR:-/tmp}/l2l_gpu_check_venv}"
   [ -x "$venv/bin/python" ] || "$python" -m venv --system-site-packages "$venv"
