@@ -297,11 +297,11 @@ def predict(model: str | Path, input: str | Path, output: str | Path, *, channel
     from l2l_scale.preprocess.normalize import parse_percentiles
 
     model_dir, input_path, output = Path(model), Path(input), Path(output)
-    check_backend()
     if dtype not in ("float32", "uint16"):
         raise ConfigError(f"dtype {dtype!r} is not supported; use float32 or uint16")
     if norm_scope not in ("image", "dataset"):
         raise ConfigError(f"norm scope {norm_scope!r} is not supported; use image or dataset")
+    check_backend()
     spec, meta, weights_file = _model_info(model_dir, weights)
     client = current_client()
     resources = {"GPU": 1} if worker_resources(client).get("GPU") else None
