@@ -62,6 +62,10 @@ def _cluster(args: argparse.Namespace, *, model_step: bool = False, inputs: Sequ
 
     for path in inputs:
         require_exists(path)
+    if model_step:  # a missing Keras backend fails here, not in every worker after the cluster started
+        from l2l_scale.model.backend import check_backend
+
+        check_backend()
     if output is not None:
         check_output(output, overwrite=getattr(args, "overwrite", False), inputs=inputs)
 
@@ -184,7 +188,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         out = predict(args.model, args.input, args.output, channels=_names(args.channel), tile=args.tile,
                       batch=args.batch, dtype=args.dtype, percentiles=args.percentiles, norm_stats=args.norm_stats,
                       norm_scope=args.norm_scope, weights=args.weights, resume=args.resume,
-                      overwrite=args.overwrite, chunks=args.chunks, halo=args.halo)
+                      overwrite=args.overwrite, chunks=args.chunks, halo=args.halo, precision=args.precision)
     print(f"wrote {out}")
     return 0
 
@@ -227,7 +231,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
                 ssim_filter_size=args.ssim_filter_size, unet_n_depth=args.unet_depth,
                 unet_kern_size=args.unet_kern_size, unet_n_first=args.unet_n_first, unet_residual=args.residual,
                 early_stopping=args.early_stopping, strategy=args.strategy, seed=args.seed,
-                tensorboard=args.tensorboard)
+                tensorboard=args.tensorboard, precision=args.precision)
     print(f"wrote {out}")
     return 0
 
@@ -289,7 +293,7 @@ def _cmd_crossval(args: argparse.Namespace) -> int:
         patches_per_image=args.patches_per_image, augment=args.augment,
         percentiles=_floats(args.percentiles, 2, "--percentiles") if args.percentiles else None,
         smooth=args.smooth, tile=args.tile, strategy=args.strategy, seed=args.seed, resume=args.resume,
-        overwrite=args.overwrite, keep_work=args.keep_work)
+        overwrite=args.overwrite, keep_work=args.keep_work, precision=args.precision)
     with _cluster(args, model_step=True, inputs=[args.dataset]):
         result = run_crossval(plan)
     print(format_crossval_table(result["summary"]))
@@ -449,6 +453,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", help="weights file name in the model folder (default weights_best.h5)")
     p.add_argument("--chunks", type=int, default=None, help="output chunk side (default: the tile size)")
     p.add_argument("--resume", action="store_true", help="finish an interrupted run, computing only missing blocks")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="compute precision (default fp32, exact); bf16/fp16 need a GPU or a CPU with bf16/fp16")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     _cluster_args(p)
 
@@ -506,6 +512,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop after PATIENCE epochs without a validation-loss improvement")
     p.add_argument("--strategy", choices=("auto", "mirrored", "multiworker", "none"), default=None,
                    help="auto: all GPUs (MirroredStrategy) or none; multiworker reads TF_CONFIG")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None,
+                   help="mixed-precision training (default fp32; fp16 uses loss scaling)")
     p.add_argument("--seed", type=int, default=None, help="seed of initialisation and shuffling (default 0)")
     p.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=None,
                    help="TensorBoard logs when tensorboard is installed (default on)")
@@ -587,6 +595,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tile", type=int, default=None, help="prediction tile side (default 1024)")
     p.add_argument("--strategy", choices=("auto", "mirrored", "none"), default=None,
                    help="tf.distribute strategy of each fold's training (default auto)")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None,
+                   help="compute precision of each fold's training and prediction (default fp32)")
     p.add_argument("--seed", type=int, default=0, help="seed of pair draws, patches and training (default 0)")
     p.add_argument("--keep-work", action="store_true", help="keep each fold's patches, model and restorations")
     p.add_argument("--resume", action="store_true", help="finish an interrupted run; finished folds are skipped")

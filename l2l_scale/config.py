@@ -306,6 +306,8 @@ class TrainConfig(_Base):
         Stop after this many epochs without a validation-loss improvement.
     strategy : {"auto", "mirrored", "multiworker", "none"}
         ``auto``: MirroredStrategy over all visible GPUs, no strategy without a GPU.
+    precision : {"fp32", "bf16", "fp16"}
+        Compute precision (Keras mixed policy; fp16 with dynamic loss scaling). Weights stay float32.
     seed : int
         Seed of weight initialisation and data shuffling.
     shuffle_buffer : int, optional
@@ -337,6 +339,7 @@ class TrainConfig(_Base):
     reduce_lr_min_delta: float = Field(0.0, ge=0)
     early_stopping: int | None = Field(None, ge=1)
     strategy: Literal["auto", "mirrored", "multiworker", "none"] = "auto"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     seed: int = Field(0, ge=0)
     shuffle_buffer: int | None = Field(None, ge=1)
     validation_batches: int | None = Field(None, ge=1)

@@ -156,8 +156,8 @@ def _predict_blocks(blocks: _Blocks, per_call: int) -> int:
     configure_tf_threads(_worker_threads())
     prepared = [_prepare_block(*item) for item in blocks.items]
     task0 = blocks.items[0][0]
-    model = get_cached_model(task0["model"], task0["weights"])
-    lock = _MODEL_LOCKS[(task0["model"], task0["weights"])]
+    model = get_cached_model(task0["model"], task0["weights"], task0["precision"])
+    lock = _MODEL_LOCKS[(task0["model"], task0["weights"], task0["precision"])]
     by_shape: dict[tuple[int, int], list] = defaultdict(list)
     for blk in prepared:
         for a, b in blk.tiles:
@@ -299,7 +299,8 @@ def predict(model: str | Path, input: str | Path, output: str | Path, *, channel
             tile: int | None = None, batch: int | None = None, dtype: str = "float32",
             percentiles: str | Sequence[float] | None = None, norm_stats: str | None = None,
             norm_scope: str = "image", weights: str | None = None, resume: bool = False, overwrite: bool = False,
-            chunks: int | None = None, halo: int | None = None, dry_run: bool = False) -> Path | dict:
+            chunks: int | None = None, halo: int | None = None, dry_run: bool = False,
+            precision: str = "fp32") -> Path | dict:
     """Restore an OME-Zarr image, plate or folder with a CARE/L2L model, tile by tile on the Dask cluster.
 
     Parameters
@@ -334,6 +335,10 @@ def predict(model: str | Path, input: str | Path, output: str | Path, *, channel
     dry_run : bool
         Validate everything and build the whole task graph, wave by wave, without computing or writing
         anything; return ``{"images", "blocks", "tasks"}`` instead of the output path.
+    precision : {"fp32", "bf16", "fp16"}
+        Compute precision of the network (see :mod:`l2l_scale.model.backend`); fp32 is exact. Recorded in the
+        provenance; ``resume`` refuses a different one. bf16/fp16 are refused on CPUs without instructions for
+        them (unless the cluster's workers have GPUs).
 
     Returns
     -------
@@ -341,7 +346,7 @@ def predict(model: str | Path, input: str | Path, output: str | Path, *, channel
         The output path (a dict with ``dry_run``).
     """
     from l2l_scale.cluster import compute_with_progress, current_client, worker_resources
-    from l2l_scale.model import sha256_file
+    from l2l_scale.model import check_backend, check_precision, sha256_file
     from l2l_scale.preprocess.normalize import parse_percentiles
 
     from l2l_scale.model.formats import resolve_model
@@ -351,7 +356,11 @@ def predict(model: str | Path, input: str | Path, output: str | Path, *, channel
         raise ConfigError(f"dtype {dtype!r} is not supported; use float32 or uint16")
     if norm_scope not in ("image", "dataset"):
         raise ConfigError(f"norm scope {norm_scope!r} is not supported; use image or dataset")
+    check_backend()
     spec, meta, weights_file = _model_info(model_dir, weights)
+    client = current_client()
+    resources = {"GPU": 1} if worker_resources(client).get("GPU") else None
+    check_precision(precision, accelerator=resources is not None)
     plan = TilePlan.for_model(spec, tile, batch, halo)
     chunk = int(chunks or plan.tile)
     if chunk < 16:
@@ -374,10 +383,8 @@ def predict(model: str | Path, input: str | Path, output: str | Path, *, channel
     checksum = sha256_file(weights_file)
     params = {"model": str(model_dir), "weights": weights_file.name, "channels": in_names, "tile": plan.tile,
               "batch": plan.batch, "halo": plan.halo, "grid": plan.grid, "chunks": chunk, "dtype": dtype,
-              "percentiles": list(q), "norm_scope": norm_scope, "norm_stats": norm_stats}
+              "percentiles": list(q), "norm_scope": norm_scope, "norm_stats": norm_stats, "precision": precision}
     uint16 = ((UINT16_RANGE[1] - UINT16_RANGE[0]) / 65535.0, UINT16_RANGE[0]) if dtype == "uint16" else None
-    client = current_client()
-    resources = {"GPU": 1} if worker_resources(client).get("GPU") else None
 
     def units(tmp: Path, writer: Any, dry: bool):
         """Per image: create its output group, then yield its block, pyramid and finishing tasks."""
@@ -419,7 +426,8 @@ def predict(model: str | Path, input: str | Path, output: str | Path, *, channel
                            "channels": oz.channel_indices(img.channel_names or ["0"], in_names),
                            "lo": [lo_hi[c][0] for c in in_names], "hi": [lo_hi[c][1] for c in in_names],
                            "hw": (img.sizes["y"], img.sizes["x"]), "grid": plan.grid, "tile": plan.tile,
-                           "halo": plan.halo, "batch": plan.batch, "n_out": spec.n_channel_out, "uint16": uint16})
+                           "halo": plan.halo, "batch": plan.batch, "n_out": spec.n_channel_out, "uint16": uint16,
+                           "precision": precision})
             _add_blocks(image, img.sizes, dims, plans[0], ctx, delayed(ctx), groups)
             yield from groups.ready(image)
         yield from groups.ready(None)

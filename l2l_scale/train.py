@@ -305,7 +305,10 @@ def _make_steps(model, optimizer, loss_fn, strategy, global_batch: int):
             # Summed per replica and divided by the *global* batch: the all-reduced (summed) gradient is then the
             # gradient of the global-batch mean, whatever the replica count.
             loss = tf.reduce_sum(per_sample) * scale
-        grads = tape.gradient(loss, variables)
+            # fp16: the LossScaleOptimizer scales the loss up here (inside the tape) and the gradients back down
+            # in apply_gradients, skipping steps that overflow; every other optimiser returns the loss unchanged.
+            scaled = optimizer.scale_loss(loss)
+        grads = tape.gradient(scaled, variables)
         optimizer.apply_gradients(zip(grads, variables))
         return loss
 
@@ -518,8 +521,16 @@ def train(patches: str | Path, model_dir: str | Path, config: TrainConfig | str 
     _check_store(store, cfg)
     spec = _spec_for(cfg, store)
     loss_spec = cfg.loss_spec()
+    from l2l_scale.model.backend import backend_name, check_precision
+
+    if backend_name() != "tensorflow":
+        raise ConfigError(f"training runs on TensorFlow (tf.distribute), but KERAS_BACKEND={backend_name()}; unset "
+                          "KERAS_BACKEND for 'l2l-scale train' (JAX and PyTorch run predict only)")
     # The strategy must exist before any other TensorFlow operation (multi-worker collectives, logical devices).
     strategy, info = select_strategy(cfg.strategy)
+    import tensorflow as tf
+
+    check_precision(cfg.precision, accelerator=bool(tf.config.list_logical_devices("GPU")))
     per_replica = _check_batch(cfg.batch_size, info["replicas"])
     cfg_d = cfg.model_dump(mode="json")
     state = _prepare_dir(model_dir, resume, overwrite, info["chief"], cfg_d, Path(patches))
@@ -536,8 +547,10 @@ def train(patches: str | Path, model_dir: str | Path, config: TrainConfig | str 
     keras.utils.set_random_seed(cfg.seed)
     loss_fn = make_loss(loss_spec)
     with strategy.scope():
-        model = build_unet(spec)
+        model = build_unet(spec, cfg.precision)
         optimizer = keras.optimizers.Adam(learning_rate=cfg.learning_rate)
+        if cfg.precision == "fp16":  # fp16 gradients underflow without loss scaling (bf16 has fp32's range)
+            optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
         model.compile(optimizer=optimizer, loss=loss_fn, jit_compile=False)  # the model owns the optimiser state
         optimizer.build(model.trainable_variables)
     start_epoch = 0

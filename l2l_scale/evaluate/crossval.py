@@ -268,7 +268,7 @@ def plan_crossval(dataset: str | Path, out_dir: str | Path, *, input_channels: S
                   patches_per_image: int | None = None, augment: bool | None = None,
                   percentiles: Sequence[float] | None = None, smooth: float | None = None,
                   tile: int | None = None, strategy: str | None = None, seed: int = 0, resume: bool = False,
-                  overwrite: bool = False, keep_work: bool = False) -> CrossvalPlan:
+                  overwrite: bool = False, keep_work: bool = False, precision: str | None = None) -> CrossvalPlan:
     """Validate the options and the dataset and plan every fold; nothing is written or trained.
 
     See :func:`crossval` for the parameters. The checks here are cheap (image metadata only), so a command fails
@@ -341,7 +341,7 @@ def plan_crossval(dataset: str | Path, out_dir: str | Path, *, input_channels: S
     explicit = {key: v for key, v in given.items() if v is not None}
     tcfg = train_config(None, preset=preset, **{**table3, **explicit},
                         unet_n_depth=unet_n_depth, unet_n_first=unet_n_first, unet_kern_size=unet_kern_size,
-                        strategy=strategy, seed=seed, tensorboard=False)
+                        strategy=strategy, seed=seed, tensorboard=False, precision=precision)
     from l2l_scale.model.losses import check_patch_size
 
     check_patch_size(tcfg.loss_spec(), pcfg.patch_size)
@@ -557,7 +557,7 @@ def _run_fold(job: dict) -> dict:
             model = train(store, work / "model", cfg,
                           hooks=[lambda epoch, row, _m: history.append({k: row[k] for k in keep})])
         restored = predict(model, test_view, work / "restored.zarr", channels=[job["channels"]["input"]],
-                           tile=job["tile"])
+                           tile=job["tile"], precision=job["train_config"].get("precision", "fp32"))
         per_pair = []
         for name, source, key in job["test"]:
             metrics = _pair_metrics(source, str(restored / f"{name}.zarr"), job["channels"], job["evaluate"])
@@ -844,6 +844,8 @@ def crossval(dataset: str | Path, out_dir: str | Path, **options: Any) -> dict:
         Gaussian sigma applied to every normalised image before the metrics (caveolae preset: 1.5; else 0).
     tile : int, optional
         Prediction tile side (see :func:`l2l_scale.predict.predict`).
+    precision : {"fp32", "bf16", "fp16"}, optional
+        Compute precision of each fold's training and prediction (default fp32).
     seed : int
         Seeds the pair draws ``(seed, N, repeat)``, the patch sampling and the training.
     resume : bool

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import math
 import os
 import tempfile
@@ -37,8 +36,6 @@ from l2l_scale.errors import ChannelError, ModelError, OutputError
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import keras
-
-log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
 METADATA_FILE = "l2l_scale.json"
@@ -355,7 +352,7 @@ def _check_folder(model_dir: str | os.PathLike) -> Path:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def build_unet(spec: ModelSpec) -> "keras.Model":
+def build_unet(spec: ModelSpec, precision: str = "fp32", *, random_init: bool = True) -> "keras.Model":
     """Build the CARE U-Net described by ``spec`` (random weights).
 
     The layer graph, layer order and named layers are those of ``csbdeep.internals.nets.common_unet``, so
@@ -368,6 +365,13 @@ def build_unet(spec: ModelSpec) -> "keras.Model":
     Parameters
     ----------
     spec : ModelSpec
+    precision : {"fp32", "bf16", "fp16"}
+        Compute precision (see :mod:`l2l_scale.model.backend`): at bf16/fp16 the U-Net body runs under Keras'
+        mixed policy and the output convolution, residual addition and last activation stay float32. Variables
+        are float32 at every precision, so the same weights load.
+    random_init : bool
+        Glorot-uniform kernels (CSBDeep's). False: zero kernels, for a network whose weights are set next; it
+        skips the random-number kernels, whose compilation takes seconds under JAX.
 
     Returns
     -------
@@ -378,6 +382,10 @@ def build_unet(spec: ModelSpec) -> "keras.Model":
     import keras
     from keras import layers
 
+    from l2l_scale.model.backend import layer_dtypes
+
+    body, head = layer_dtypes(precision)
+    init = "glorot_uniform" if random_init else "zeros"
     inp = layers.Input((None, None, spec.n_channel_in), name="input")
     x = inp
     skips: list = []
@@ -387,27 +395,29 @@ def build_unet(spec: ModelSpec) -> "keras.Model":
         if kind == "conv":
             _, name, filters, kern, act = op
             x = layers.Conv2D(
-                filters, (kern, kern), padding="same", kernel_initializer="glorot_uniform", activation=act, name=name
+                filters, (kern, kern), padding="same", kernel_initializer=init, activation=act, name=name,
+                dtype=body,
             )(x)
         elif kind == "pool":
             skips.append(x)
-            x = layers.MaxPooling2D((2, 2), name=op[1])(x)
+            x = layers.MaxPooling2D((2, 2), name=op[1], dtype=body)(x)
         elif kind == "up":
-            x = layers.UpSampling2D((2, 2), name=op[1])(x)
+            x = layers.UpSampling2D((2, 2), name=op[1], dtype=body)(x)
         elif kind == "concat":
-            x = layers.Concatenate(axis=-1, name=op[1])([x, skips.pop()])
+            x = layers.Concatenate(axis=-1, name=op[1], dtype=body)([x, skips.pop()])
         elif kind == "head":
             features = x
-            x = layers.Conv2D(op[2], (1, 1), activation="linear", name=op[1])(x)
+            x = layers.Conv2D(op[2], (1, 1), activation="linear", kernel_initializer=init, name=op[1], dtype=head)(x)
         elif kind == "residual":
-            x = layers.Add(name=op[1])([x, inp])
+            x = layers.Add(name=op[1], dtype=head)([x, inp])
         elif kind == "activation":
-            x = layers.Activation(op[2], name=op[1])(x)
+            x = layers.Activation(op[2], name=op[1], dtype=head)(x)
         elif kind == "prob_scale":
             _, conv_name, eps_name, concat_name, filters = op
-            scale = layers.Conv2D(filters, (1, 1), activation="softplus", name=conv_name)(features)
-            scale = layers.Rescaling(1.0, offset=_PROB_EPS, name=eps_name)(scale)
-            x = layers.Concatenate(axis=-1, name=concat_name)([x, scale])
+            scale = layers.Conv2D(filters, (1, 1), activation="softplus", kernel_initializer=init, name=conv_name,
+                                  dtype=head)(features)
+            scale = layers.Rescaling(1.0, offset=_PROB_EPS, name=eps_name, dtype=head)(scale)
+            x = layers.Concatenate(axis=-1, name=concat_name, dtype=head)([x, scale])
         else:  # pragma: no cover - guards against a plan/builder mismatch
             raise AssertionError(f"unknown layer plan entry {op!r}")
     return keras.Model(inputs=inp, outputs=x)
@@ -434,6 +444,8 @@ class LoadedModel:
         Contents of ``l2l_scale.json``, or ``{}`` for a plain CSBDeep folder.
     checksum : str
         sha256 (hex) of ``weights_file``; identifies the model in output provenance.
+    precision : str
+        ``fp32``, ``bf16`` or ``fp16``: the compute precision the network was built with.
     """
 
     path: Path
@@ -442,6 +454,7 @@ class LoadedModel:
     weights_file: Path
     metadata: dict
     checksum: str
+    precision: str = "fp32"
     _predict_fn: Any = field(default=None, init=False, repr=False, compare=False)
 
     def predict_batch(self, x: np.ndarray) -> np.ndarray:
@@ -480,26 +493,18 @@ class LoadedModel:
                 f"multiple of {g}"
             )
         if self._predict_fn is None:
-            self._predict_fn = _make_predict_fn(self.keras_model, self.spec.n_channel_in)
-        y = self._predict_fn(x).numpy()
+            from l2l_scale.model.backend import make_predict_fn
+
+            self._predict_fn = make_predict_fn(self.keras_model, self.spec.n_channel_in)
+        y = self._predict_fn(x)
         return np.asarray(y[..., : self.spec.n_channel_out], dtype=np.float32)
 
 
-def _make_predict_fn(keras_model: "keras.Model", n_channel_in: int):
-    """One graph-compiled forward pass for every tile size.
-
-    ``predict_on_batch`` retraces its tf.function for each new input shape (edge tiles, other chunk sizes) and
-    warns about it; a fixed signature with unknown batch/height/width traces once and is safe to call from
-    several Dask worker threads.
-    """
-    import tensorflow as tf
-
-    spec = tf.TensorSpec([None, None, None, n_channel_in], tf.float32)
-    return tf.function(lambda x: keras_model(x, training=False), input_signature=[spec])
-
-
-def load_model(model_dir: str | os.PathLike, weights: str | None = None) -> LoadedModel:
+def load_model(model_dir: str | os.PathLike, weights: str | None = None, precision: str = "fp32") -> LoadedModel:
     """Load a CSBDeep CARE or l2l-scale model folder, without executing anything stored in it.
+
+    Works under every Keras backend that ``KERAS_BACKEND`` names (TensorFlow, JAX, PyTorch): the network is built
+    from Keras layers and the h5 weights are read with h5py, so JAX and PyTorch never import TensorFlow.
 
     Parameters
     ----------
@@ -507,6 +512,8 @@ def load_model(model_dir: str | os.PathLike, weights: str | None = None) -> Load
         Folder with ``config.json`` and weights-only h5 files.
     weights : str, optional
         Name of the weights file inside the folder. Default: ``weights_best.h5``, else ``weights_last.h5``.
+    precision : {"fp32", "bf16", "fp16"}
+        Compute precision (see :func:`build_unet`); the CPU check is the caller's (:func:`check_precision`).
 
     Returns
     -------
@@ -517,7 +524,12 @@ def load_model(model_dir: str | os.PathLike, weights: str | None = None) -> Load
     ModelError
         Missing folder/config/weights, a corrupt or mismatching weights file, an unsupported (3D) network, or an
         unsafe folder (pickles, ``.keras`` archives, h5 models with ``Lambda`` layers or custom objects).
+    ConfigError
+        ``KERAS_BACKEND`` names a backend that is not installed or not supported.
     """
+    from l2l_scale.model.backend import check_backend
+
+    check_backend()
     folder = _check_folder(model_dir).resolve()
     spec = read_spec(folder)
     _check_folder_safety(folder)
@@ -525,7 +537,7 @@ def load_model(model_dir: str | os.PathLike, weights: str | None = None) -> Load
     _check_h5(weights_file)
     metadata = _read_metadata(folder, spec)
     checksum = sha256_file(weights_file)
-    keras_model = build_unet(spec)
+    keras_model = build_unet(spec, precision, random_init=False)
     try:
         keras_model.load_weights(str(weights_file))
     except (ValueError, KeyError, OSError, TypeError) as exc:
@@ -536,7 +548,7 @@ def load_model(model_dir: str | os.PathLike, weights: str | None = None) -> Load
         ) from exc
     return LoadedModel(
         path=folder, spec=spec, keras_model=keras_model, weights_file=weights_file, metadata=metadata,
-        checksum=checksum,
+        checksum=checksum, precision=precision,
     )
 
 
@@ -825,7 +837,8 @@ _CACHE_LOCK = threading.Lock()
 _CACHE_SIZE = 4
 
 
-def get_cached_model(model_dir: str | os.PathLike, weights: str | None = None) -> LoadedModel:
+def get_cached_model(model_dir: str | os.PathLike, weights: str | None = None,
+                     precision: str = "fp32") -> LoadedModel:
     """Load a model once per process (e.g. once per Dask worker) and reuse it.
 
     The cache key includes the modification times of ``config.json``, the weights file and ``l2l_scale.json``,
@@ -835,7 +848,7 @@ def get_cached_model(model_dir: str | os.PathLike, weights: str | None = None) -
     Parameters
     ----------
     model_dir : str or path
-    weights : str, optional
+    weights, precision : str, optional
         As in :func:`load_model`.
 
     Returns
@@ -850,10 +863,10 @@ def get_cached_model(model_dir: str | os.PathLike, weights: str | None = None) -
             p.stat().st_mtime_ns if p is not None and p.is_file() else None
             for p in (folder / CONFIG_FILE, weights_file, folder / METADATA_FILE)
         )
-        key = (str(folder), weights, stamps)
+        key = (str(folder), weights, precision, stamps)
         model = _CACHE.get(key)
         if model is None:
-            model = load_model(folder, weights)
+            model = load_model(folder, weights, precision)
             _CACHE[key] = model
             while len(_CACHE) > _CACHE_SIZE:
                 _CACHE.popitem(last=False)
@@ -866,7 +879,8 @@ def configure_tf_threads(n_threads: int) -> None:
     """Limit TensorFlow's intra- and inter-op thread pools, before the first TF operation in this process.
 
     Dask workers run several tasks at once; without a limit every TF call would use all cores. If TF is already
-    initialised the settings cannot change any more; that is logged and ignored.
+    initialised the settings cannot change any more; that is ignored. Under ``KERAS_BACKEND=torch`` it limits
+    PyTorch's threads instead, under JAX nothing (see :func:`l2l_scale.model.backend.configure_threads`).
 
     Parameters
     ----------
@@ -877,13 +891,9 @@ def configure_tf_threads(n_threads: int) -> None:
 
     if isinstance(n_threads, bool) or not isinstance(n_threads, (int, np.integer)) or n_threads < 0:
         raise ConfigError(f"n_threads must be an integer >= 0 (0 = TensorFlow default), got {n_threads!r}")
-    import tensorflow as tf
+    from l2l_scale.model.backend import configure_threads
 
-    try:
-        tf.config.threading.set_intra_op_parallelism_threads(int(n_threads))
-        tf.config.threading.set_inter_op_parallelism_threads(int(n_threads))
-    except RuntimeError as exc:  # raised once the TF context exists
-        log.debug("TensorFlow already initialised; keeping its thread settings (%s)", exc)
+    configure_threads(int(n_threads))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -968,7 +978,7 @@ def export_model(
     if weights_best is None:
         best_model = last_model
     else:
-        best_model = build_unet(spec)
+        best_model = build_unet(spec, random_init=False)
         if isinstance(weights_best, (str, os.PathLike)):
             try:
                 best_model.load_weights(str(weights_best))
@@ -1018,7 +1028,7 @@ def _csbdeep_config(spec: ModelSpec, train: Mapping[str, Any]) -> dict:
 
 def _canonical_copy(keras_model: "keras.Model", spec: ModelSpec) -> "keras.Model":
     """Copy the weights into a freshly built network, so the file gets CSBDeep's layer order and names."""
-    model = build_unet(spec)
+    model = build_unet(spec, random_init=False)
     try:
         weights = keras_model.get_weights()
     except AttributeError as exc:
