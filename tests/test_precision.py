@@ -94,7 +94,7 @@ def test_resume_refuses_another_precision(trained, tmp_path, monkeypatch):
 
     out = tmp_path / "out.zarr"
     with monkeypatch.context() as m:
-        m.setattr(l2l_scale.cluster, "compute_with_progress", crash)
+        m.setattr(l2l_scale.cluster, "compute_waves", crash)
         with pytest.raises(RuntimeError, match="simulated crash"):
             predict(trained["model"], trained["image"], out, tile=128, resume=True, precision="bf16")
     with pytest.raises(OutputError, match="different precision"):
