@@ -294,12 +294,7 @@ def read_spec(model_dir: str | os.PathLike) -> ModelSpec:
             f"no {CONFIG_FILE} in model folder {folder}; pass the folder that contains config.json and the "
             "weights (a CSBDeep CARE or l2l-scale model)"
         )
-    try:
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelError(f"cannot read {cfg_path} ({exc}); restore the file from the original model folder") from exc
-    if not isinstance(cfg, dict):
-        raise ModelError(f"{cfg_path} is not a JSON object; restore the file from the original model folder")
+    cfg = _read_json_object(cfg_path, "restore the file from the original model folder")
     for key, kind in (("n_rays", "StarDist"), ("n2v_perc_pix", "Noise2Void"), ("n2v_manipulator", "Noise2Void")):
         if key in cfg:
             raise ModelError(
@@ -773,16 +768,22 @@ def _npy_header_has_objects(f) -> bool:
     return bool(dtype.hasobject)
 
 
+def _read_json_object(path: Path, fix: str) -> dict:
+    """A model folder's JSON file as a dict, or a :class:`ModelError` that names the file and ``fix``."""
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelError(f"cannot read {path} ({exc}); {fix}") from exc
+    if not isinstance(obj, dict):
+        raise ModelError(f"{path} is not a JSON object; {fix}")
+    return obj
+
+
 def _read_metadata(folder: Path, spec: ModelSpec) -> dict:
     path = folder / METADATA_FILE
     if not path.is_file():
         return {}
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelError(f"cannot read {path} ({exc}); fix or delete the file (the model loads without it)") from exc
-    if not isinstance(meta, dict):
-        raise ModelError(f"{path} is not a JSON object; fix or delete the file (the model loads without it)")
+    meta = _read_json_object(path, "fix or delete the file (the model loads without it)")
     try:
         _validate_metadata(meta, spec)
     except ModelError as exc:
