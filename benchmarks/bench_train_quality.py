@@ -19,8 +19,9 @@ against the simulator's truth, raw and after CARE's affine fit (``csbdeep.utils.
 Wall time per training step: the median epoch time (epochs 2.., which include the validation pass in both arms)
 over the steps per epoch. ``step_s_ratio`` is l2l-scale over CSBDeep.
 
-``--beyond`` adds the arm ``l2l-ms-ssim`` (l2l-scale with the paper's 3-scale MS-SSIM loss, same steps): the
-thing l2l-scale's training has and ``CARE.train`` has not (CARE only offers mae/mse/laplace).
+The arm ``l2l-ms-ssim`` (off with ``--no-beyond``) is l2l-scale with the paper's 3-scale MS-SSIM loss, same
+steps: what l2l-scale's training has and ``CARE.train`` has not (CARE offers mae/mse/laplace). ``--ablate ARM ...`` adds arms that
+change one thing each (see ``ABLATIONS``), for the cause analysis.
 
 Usage::
 
@@ -49,6 +50,14 @@ TEST_NORM = (2.0, 99.8)   # the input normalisation at prediction time (l2l-scal
 EVAL_NORM = (1.0, 99.9)   # l2l-scale evaluate's default
 # Targets of issue 14: within 1 s.d. of CSBDeep or better, and never worse by more than these.
 MAX_PCC_LOSS, MAX_PSNR_LOSS = 0.01, 0.3
+
+
+# Extra arms for the cause analysis (--ablate): one change against the main arms each.
+ABLATIONS = {
+    "csbdeep-fixed-pct": {"fixed_percentiles": (2.0, 99.8)},   # CSBDeep without its per-patch percentile draw
+    "l2l-sampled-pct": {"patch_kw": {"sample_percentiles": True}},  # l2l-scale with CSBDeep's percentile draw
+    "l2l-no-plateau": {"train_kw": {"reduce_lr": False}},
+}
 
 
 def _say(msg: str) -> None:
@@ -111,10 +120,10 @@ def _train_l2l(d: dict, out: Path, seed: int, args, loss: str = "l1", patch_kw: 
             "step_s": _timing(seconds, args.steps)}
 
 
-def _train_csbdeep(d: dict, out: Path, seed: int, args) -> dict:
+def _train_csbdeep(d: dict, out: Path, seed: int, args, fixed_percentiles: tuple | None = None) -> dict:
     import keras
     import numpy as np
-    from csbdeep.data import RawData, create_patches
+    from csbdeep.data import RawData, create_patches, norm_percentiles
     from csbdeep.io import load_training_data
     from csbdeep.models import CARE, Config
 
@@ -128,8 +137,10 @@ def _train_csbdeep(d: dict, out: Path, seed: int, args) -> dict:
     raw = RawData.from_arrays(X, Y, axes="CYX")
     t0 = time.perf_counter()
     npz = out / "patches.npz"
+    # Default: CSBDeep's norm_percentiles(sample_percentiles()), the percentiles drawn per patch.
+    norm = {} if fixed_percentiles is None else {"normalization": norm_percentiles(fixed_percentiles)}
     create_patches(raw, (n_out, args.patch_size, args.patch_size), args.patches_per_image, patch_axes="CYX",
-                   save_file=str(npz), verbose=False)
+                   save_file=str(npz), verbose=False, **norm)
     (Xt, Yt), (Xv, Yv), axes = load_training_data(str(npz), validation_split=0.1, verbose=False)
     Xt, Xv = Xt[..., :1], Xv[..., :1]
     t_patches = time.perf_counter() - t0
@@ -227,17 +238,18 @@ def _verdict(l2l: dict, ref: dict) -> dict:
 def run_structure(structure: str, base: Path, args) -> dict:
     base.mkdir(parents=True, exist_ok=True)
     d = _data(base, structure, args.train_images, args.test_images, args.size)
-    arms = ["l2l", "csbdeep"] + (["l2l-ms-ssim"] if args.beyond else [])
+    arms = ["l2l", "csbdeep"] + (["l2l-ms-ssim"] if args.beyond else []) + list(args.ablate)
     results: dict[str, list[dict]] = {a: [] for a in arms}
     for seed in range(args.seeds):
         for arm in arms:
             out = base / f"{arm}-{seed}"
             out.mkdir(parents=True, exist_ok=True)
             _say(f"[{structure}] seed {seed}: {arm}")
-            if arm == "csbdeep":
-                r = _train_csbdeep(d, out, seed, args)
+            if arm.startswith("csbdeep"):
+                r = _train_csbdeep(d, out, seed, args, **ABLATIONS.get(arm, {}))
             else:
-                r = _train_l2l(d, out, seed, args, loss="ms-ssim3" if arm == "l2l-ms-ssim" else "l1")
+                r = _train_l2l(d, out, seed, args, loss="ms-ssim3" if arm == "l2l-ms-ssim" else "l1",
+                               **ABLATIONS.get(arm, {}))
             r.update(_evaluate(r.pop("model"), d))
             r["seed"] = seed
             results[arm].append(r)
@@ -281,7 +293,10 @@ def main(argv=None) -> int:
     ap.add_argument("--depth", type=int, default=2)
     ap.add_argument("--filters", type=int, default=16)
     ap.add_argument("--kernel", type=int, default=3)
-    ap.add_argument("--beyond", action="store_true", help="add the l2l-scale MS-SSIM-loss arm")
+    ap.add_argument("--no-beyond", dest="beyond", action="store_false",
+                    help="skip the l2l-scale MS-SSIM-loss arm")
+    ap.add_argument("--ablate", nargs="*", default=[], choices=sorted(ABLATIONS),
+                    help="extra arms that change one thing (cause analysis)")
     ap.add_argument("--keep", help="work in this folder and keep it")
     args = ap.parse_args(argv)
     structures = ["actin"] if args.quick else args.structures
