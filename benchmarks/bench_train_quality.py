@@ -20,8 +20,10 @@ Wall time per training step: the median epoch time (epochs 2.., which include th
 over the steps per epoch. ``step_s_ratio`` is l2l-scale over CSBDeep.
 
 The arm ``l2l-ms-ssim`` (off with ``--no-beyond``) is l2l-scale with the paper's 3-scale MS-SSIM loss, same
-steps: what l2l-scale's training has and ``CARE.train`` has not (CARE offers mae/mse/laplace). ``--ablate ARM ...`` adds arms that
-change one thing each (see ``ABLATIONS``), for the cause analysis.
+steps: what l2l-scale's training has and ``CARE.train`` has not (CARE offers mae/mse/laplace).
+``--ablate ARM ...`` adds arms that change one thing each (see ``ABLATIONS``), for the cause analysis.
+``scale_check_vs_truth`` (single-target structures) compares raw and affine-fitted MS-SSIM(5) and PSNR against
+truth of the first l2l-scale model and a Gaussian filter (sigma 2, the paper's actin baseline).
 
 Usage::
 
@@ -209,6 +211,38 @@ def _evaluate(model_dir: Path, d: dict) -> dict:
     return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
 
 
+def _scale_check(model_dir: Path, d: dict) -> dict:
+    """Raw vs affine-fitted MS-SSIM(5) and PSNR against truth: the l2l-scale model vs a Gaussian filter.
+
+    The demo's table had the Gaussian filter (and N2N) ahead of L2L in raw MS-SSIM(5) against truth while L2L
+    won PSNR and PCC; this shows whether the fit (CARE's evaluation protocol) changes the order.
+    """
+    import numpy as np
+    from csbdeep.models import CARE
+    from scipy import ndimage
+
+    from l2l_scale.evaluate.metrics import ms_ssim, psnr
+    from l2l_scale.evaluate.scale import affine_fit
+
+    care = CARE(None, model_dir.name, basedir=str(model_dir.parent))
+    inp, _, tru = d["idx"]
+    rows: dict[str, list[dict]] = {"l2l": [], "gaussian_sigma2": []}
+    for img in d["test"]:
+        x = img[inp].astype(np.float32)
+        truth = _norm(img[tru[0]].astype(np.float32), EVAL_NORM)
+        restored = care.keras_model.predict(_norm(x, TEST_NORM)[None, ..., None], verbose=0)
+        preds = {"l2l": np.asarray(restored)[0, ..., 0],
+                 "gaussian_sigma2": ndimage.gaussian_filter(x, 2.0)}
+        for name, pred in preds.items():
+            p = _norm(pred, EVAL_NORM)
+            f = affine_fit(truth, p)
+            rows[name].append({"ms_ssim_5": float(ms_ssim(truth, p, scales=5, data_range=1.0)),
+                               "ms_ssim_5_fit": float(ms_ssim(truth, f, scales=5, data_range=1.0)),
+                               "psnr": float(psnr(truth, p, data_range=1.0)),
+                               "psnr_fit": float(psnr(truth, f, data_range=1.0))})
+    return {name: {k: round(float(np.mean([r[k] for r in v])), 4) for k in v[0]} for name, v in rows.items()}
+
+
 def _summary(runs: list[dict]) -> dict:
     keys = [k for k in runs[0] if isinstance(runs[0][k], float)]
     mean = {k: statistics.fmean(r[k] for r in runs) for k in keys}
@@ -240,6 +274,7 @@ def run_structure(structure: str, base: Path, args) -> dict:
     d = _data(base, structure, args.train_images, args.test_images, args.size)
     arms = ["l2l", "csbdeep"] + (["l2l-ms-ssim"] if args.beyond else []) + list(args.ablate)
     results: dict[str, list[dict]] = {a: [] for a in arms}
+    scale_check = None
     for seed in range(args.seeds):
         for arm in arms:
             out = base / f"{arm}-{seed}"
@@ -250,7 +285,10 @@ def run_structure(structure: str, base: Path, args) -> dict:
             else:
                 r = _train_l2l(d, out, seed, args, loss="ms-ssim3" if arm == "l2l-ms-ssim" else "l1",
                                **ABLATIONS.get(arm, {}))
-            r.update(_evaluate(r.pop("model"), d))
+            model_dir = r.pop("model")
+            r.update(_evaluate(model_dir, d))
+            if arm == "l2l" and seed == 0 and len(d["targets"]) == 1:
+                scale_check = _scale_check(model_dir, d)
             r["seed"] = seed
             results[arm].append(r)
             _say(f"    pcc_truth {r['pcc_truth']:.4f}  psnr_truth {r['psnr_truth']:.2f}  "
@@ -266,6 +304,8 @@ def run_structure(structure: str, base: Path, args) -> dict:
         "step_s": {"l2l": l2l["mean"]["step_s"], "csbdeep": ref["mean"]["step_s"]},
         "step_s_ratio": round(l2l["mean"]["step_s"] / ref["mean"]["step_s"], 3),
     }
+    if scale_check:
+        out["scale_check_vs_truth"] = scale_check
     if args.beyond:
         b = arms_out["l2l-ms-ssim"]
         out["beyond"] = {"arm": "l2l-ms-ssim (paper's 3-scale MS-SSIM loss, same steps and data)",
