@@ -33,6 +33,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -347,7 +348,8 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(args.keep) if args.keep else Path(tmp)
-        per = {s: run_structure(s, base / s, args) for s in structures}
+        with contextlib.redirect_stdout(sys.stderr):  # progress bars: stdout carries only the JSON
+            per = {s: run_structure(s, base / s, args) for s in structures}
     meets = all(all(v["within_target"].values()) for v in per.values())
     steps_ok = all(v["step_s_ratio"] <= 1.0 for v in per.values())
     result = {

@@ -21,10 +21,15 @@ same global batch.
 Input pipeline
 --------------
 :func:`patch_dataset` reads the zarr store chunk by chunk (each chunk holds a few hundred patches): the list of
-chunks is shuffled every pass, ``interleave`` reads several chunks in parallel and alternates their patches, a
-shuffle buffer of a few chunks mixes them further, then batches are formed and prefetched. The store is written
+chunks is shuffled every pass, each chunk's patches are permuted, ``interleave`` reads several chunks in parallel
+and alternates their patches, windows of a few chunks' patches are permuted again, then batches are formed and
+prefetched. Every shuffle is stateless, keyed by the seed (so a seed can be a tensor). The store is written
 in a globally shuffled order (:mod:`l2l_scale.patches`), so every chunk already mixes many images. Only a few
-chunks are in memory at a time. For several workers the chunk list is sharded by worker.
+chunks are in memory at a time. For several workers the chunk list is sharded by worker. Training reads all its
+epochs through one iterator (epoch ``e`` seeded by ``seed + 1000 e``): a new iterator per epoch cost ~0.8 s per
+epoch on 2 CPU cores, a third of a step's time at 25 steps per epoch. Each epoch's validation pass covers every
+validation patch once on one device (whole batches per replica under a strategy), and the validation loss is
+the mean over those patches, as Keras' ``fit`` computes it for CSBDeep.
 
 Checkpoints and resuming
 ------------------------
