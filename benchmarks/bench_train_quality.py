@@ -274,18 +274,26 @@ def run_structure(structure: str, base: Path, args) -> dict:
     base.mkdir(parents=True, exist_ok=True)
     d = _data(base, structure, args.train_images, args.test_images, args.size)
     arms = ["l2l", "csbdeep"] + (["l2l-ms-ssim"] if args.beyond else []) + list(args.ablate)
+    from l2l_scale.train import TrainingDivergedError
+
     results: dict[str, list[dict]] = {a: [] for a in arms}
+    diverged: dict[str, list[int]] = {a: [] for a in arms}
     scale_check = None
     for seed in range(args.seeds):
         for arm in arms:
             out = base / f"{arm}-{seed}"
             out.mkdir(parents=True, exist_ok=True)
             _say(f"[{structure}] seed {seed}: {arm}")
-            if arm.startswith("csbdeep"):
-                r = _train_csbdeep(d, out, seed, args, **ABLATIONS.get(arm, {}))
-            else:
-                r = _train_l2l(d, out, seed, args, loss="ms-ssim3" if arm == "l2l-ms-ssim" else "l1",
-                               **ABLATIONS.get(arm, {}))
+            try:
+                if arm.startswith("csbdeep"):
+                    r = _train_csbdeep(d, out, seed, args, **ABLATIONS.get(arm, {}))
+                else:
+                    r = _train_l2l(d, out, seed, args, loss="ms-ssim3" if arm == "l2l-ms-ssim" else "l1",
+                                   **ABLATIONS.get(arm, {}))
+            except TrainingDivergedError as exc:  # recorded, not averaged (MS-SSIM losses can reach NaN)
+                _say(f"    diverged: {exc}")
+                diverged[arm].append(seed)
+                continue
             model_dir = r.pop("model")
             r.update(_evaluate(model_dir, d))
             if arm == "l2l" and seed == 0 and len(d["targets"]) == 1:
@@ -294,7 +302,7 @@ def run_structure(structure: str, base: Path, args) -> dict:
             results[arm].append(r)
             _say(f"    pcc_truth {r['pcc_truth']:.4f}  psnr_truth {r['psnr_truth']:.2f}  "
                  f"pcc_target {r['pcc_target']:.4f}  psnr_target {r['psnr_target']:.2f}  step {r['step_s']:.3f}s")
-    arms_out = {a: _summary(v) for a, v in results.items()}
+    arms_out = {a: {**_summary(v), "diverged_seeds": diverged[a]} for a, v in results.items() if v}
     l2l, ref = arms_out["l2l"], arms_out["csbdeep"]
     verdict = _verdict(l2l, ref)
     out = {
@@ -307,7 +315,7 @@ def run_structure(structure: str, base: Path, args) -> dict:
     }
     if scale_check:
         out["scale_check_vs_truth"] = scale_check
-    if args.beyond:
+    if "l2l-ms-ssim" in arms_out:
         b = arms_out["l2l-ms-ssim"]
         out["beyond"] = {"arm": "l2l-ms-ssim (paper's 3-scale MS-SSIM loss, same steps and data)",
                          "delta_vs_csbdeep": {k: round(b["mean"][k] - ref["mean"][k], 5)
