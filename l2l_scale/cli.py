@@ -214,6 +214,7 @@ def _cmd_patches(args: argparse.Namespace) -> int:
             patch_size=args.patch_size, patches_per_image=args.patches_per_image, augment=args.augment,
             zooms=_floats(args.zooms, None, "--zooms") if args.zooms else None, poisson=args.poisson_noise,
             percentiles=_floats(args.percentiles, 2, "--percentiles") if args.percentiles else None,
+            sample_percentiles=args.sample_percentiles,
             norm_stats=args.norm_stats, split_by=args.split_by, validation_fraction=args.validation_fraction,
             seed=args.seed, threshold=args.threshold, chunk_patches=args.chunk_patches, overwrite=args.overwrite,
             resume=args.resume)
@@ -477,6 +478,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--poisson-noise", action=argparse.BooleanOptionalAction, default=None,
                    help="add Poisson noise to the raw intensities (near-binary STED data; on for caveolae)")
     p.add_argument("--percentiles", help="normalisation percentiles low,high (default 2,99.8 or the preset's)")
+    p.add_argument("--sample-percentiles", action="store_true", default=None,
+                   help="draw each patch's percentiles from 1-3 / 99.5-99.9 (CSBDeep's create_patches default)")
     p.add_argument("--norm-stats", help="JSON from 'l2l-scale stats' with the percentile values to use")
     p.add_argument("--split-by", choices=("pair", "patch"), default=None,
                    help="validation split by image pair (default) or by patch (CSBDeep's 90/10)")

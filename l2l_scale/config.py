@@ -162,6 +162,10 @@ class PatchConfig(_Base):
         Replace raw intensities by Poisson samples before normalising (the paper's caveolae STED data).
     percentiles : (float, float)
         Normalisation percentiles (CSBDeep's default 2/99.8; the presets set the paper's).
+    sample_percentiles : bool
+        Draw each patch's low/high percentile uniformly from 1-3 and 99.5-99.9 (CSBDeep's ``create_patches``
+        default, ``sample_percentiles()``: an intensity augmentation; input and target of a patch share the
+        draw) instead of the fixed ``percentiles`` (the paper's recipe, the default).
     norm_stats : str, optional
         JSON from ``l2l-scale stats`` with the percentile values; computed exactly otherwise.
     norm_scope : {"image", "dataset"}
@@ -190,6 +194,7 @@ class PatchConfig(_Base):
     rotate: bool = True
     poisson: bool = False
     percentiles: tuple[float, float] = (2.0, 99.8)
+    sample_percentiles: bool = False
     norm_stats: str | None = None
     norm_scope: Literal["image", "dataset"] = "image"
     split_by: Literal["pair", "patch"] = "pair"

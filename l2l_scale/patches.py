@@ -99,6 +99,12 @@ _CACHE_BYTES = 256 << 20
 _EPS = np.float32(1e-20)
 _SPLIT_SEED = 0x5011
 _ORDER_SEED = 0x5012
+# CSBDeep's sample_percentiles(pmin=(1, 3), pmax=(99.5, 99.9)). Each image's percentiles are computed exactly at
+# 41 levels per range (one histogram pass) and interpolated linearly in between for every drawn level: exact
+# per-patch percentiles would need the image's sorted values in every task.
+SAMPLED_LOW, SAMPLED_HIGH = (1.0, 3.0), (99.5, 99.9)
+_GRID_LOW = tuple(float(v) for v in np.linspace(*SAMPLED_LOW, 41))
+_GRID_HIGH = tuple(float(v) for v in np.linspace(*SAMPLED_HIGH, 41))
 
 
 def _say(msg: str) -> None:
@@ -329,6 +335,8 @@ def _image_task(job: dict) -> int:
                 region = _image_rng(cfg["seed"], job["key"], 1, int(j)).poisson(np.maximum(region, 0)).astype(
                     np.float32)
             region = _augment(region, p, rot)
+            if job.get("grid"):
+                lo, hi = _drawn_levels(job, int(j))
             region = (region - lo) / (hi - lo + _EPS)
             X[j] = np.moveaxis(region[:n_in], 0, -1)
             Y[j] = np.moveaxis(region[n_in:], 0, -1)
@@ -338,6 +346,37 @@ def _image_task(job: dict) -> int:
     # The table is the completion marker: it is written (atomically) only after the staged arrays.
     _write_json_atomic(stage.with_suffix(".json"), {"n": n, "rows": plan.tolist(), "reason": reason})
     return n
+
+
+def _drawn_levels(job: dict, j: int) -> tuple[np.ndarray, np.ndarray]:
+    """Patch ``j``'s per-channel (lo, hi) at percentiles drawn as CSBDeep's ``sample_percentiles``.
+
+    One draw per patch for all its channels (CSBDeep's ``norm_percentiles`` uses one (pmin, pmax) for x and y),
+    from a generator seeded by (seed, image key, patch index), so reruns are bit-identical.
+    """
+    g = job["grid"]
+    rng = _image_rng(job["config"]["seed"], job["key"], 2, j)
+    ql, qh = rng.uniform(*SAMPLED_LOW), rng.uniform(*SAMPLED_HIGH)
+    lo = np.array([np.interp(ql, _GRID_LOW, v) for v in g["low"]], np.float32)[:, None, None]
+    hi = np.array([np.interp(qh, _GRID_HIGH, v) for v in g["high"]], np.float32)[:, None, None]
+    return lo, hi
+
+
+def _percentile_grid(images: list, progress: Path) -> dict:
+    """Each image's exact percentiles of its input and target channels at the sampling grid (cached for resume)."""
+    from l2l_scale.preprocess.normalize import percentiles
+
+    cached = progress / "percentile_grid.json"
+    if cached.exists():
+        return json.loads(cached.read_text())
+    grid = {}
+    for im in images:
+        data = oz.select_channels(oz.open_image(im.path), im.input_names + im.target_names)
+        plane = data.isel({d: 0 for d in ("t", "z") if d in data.dims})
+        v = percentiles(plane, list(_GRID_LOW + _GRID_HIGH), channel_axis="c")
+        grid[im.key] = {"low": v[:, :len(_GRID_LOW)].tolist(), "high": v[:, len(_GRID_LOW):].tolist()}
+    _write_json_atomic(cached, grid)
+    return grid
 
 
 def _assemble_task(job: dict) -> int:
@@ -548,6 +587,7 @@ def create_patches(dataset: str | Path, output: str | Path, config: PatchConfig 
         stage_dir.mkdir(parents=True, exist_ok=True)
         stats = _norm_stats(dataset, cfg, all_names, progress)
         levels = _filter_levels(dataset, cfg, stats, sorted({n for im in images for n in im.target_names}), progress)
+        grid = _percentile_grid(images, progress) if cfg.sample_percentiles else {}
         cfg_d = cfg.model_dump(mode="json")
 
         # Phase 1: one task per image samples, augments, normalises and stages its patches.
@@ -563,7 +603,7 @@ def create_patches(dataset: str | Path, output: str | Path, config: PatchConfig 
             thresholds = [cfg.threshold * float(per_image[t]) for t in im.target_names]
             job = {"key": im.key, "store": str(im.path), "array": im.array, "dims": im.dims, "plane": im.plane,
                    "input_idx": im.input_idx, "target_idx": im.target_idx, "lo": [v[0] for v in lohi],
-                   "hi": [v[1] for v in lohi], "thresholds": thresholds, "config": cfg_d,
+                   "hi": [v[1] for v in lohi], "grid": grid.get(im.key), "thresholds": thresholds, "config": cfg_d,
                    "stage": str(stage_dir / f"{im.index}")}
             tasks.append(delayed(_image_task, pure=False)(job))
         if tasks:
@@ -648,7 +688,11 @@ def create_patches(dataset: str | Path, output: str | Path, config: PatchConfig 
                                   "grid_mode=True), rotation)"},
             "normalization": {"percentiles": [float(v) for v in stats["percentiles"]], "scope": stats.get("scope"),
                               "source": cfg.norm_stats or "computed", "values": norm_values,
-                              "formula": "(v - lo) / (hi - lo + 1e-20), float32, unclipped"},
+                              "formula": "(v - lo) / (hi - lo + 1e-20), float32, unclipped",
+                              **({"sampled": {"low": list(SAMPLED_LOW), "high": list(SAMPLED_HIGH),
+                                              "rule": "per patch, uniform (csbdeep sample_percentiles); lo/hi "
+                                                      "interpolated from exact percentiles at 41 levels per range"}}
+                                 if cfg.sample_percentiles else {})},
             "images": image_info,
             "preset": cfg.preset,
             "config": cfg_d,

@@ -136,6 +136,33 @@ def test_values_equal_the_metrics_module(root, result):
     assert (img_row["michelson"], img_row["rms"]) == pytest.approx((mi, rm), rel=1e-5)
 
 
+def test_affine_fitted_columns_equal_csbdeep_normalize_minmse(root, result):
+    from csbdeep.utils import normalize_minmse
+
+    sim = root / "sim.zarr"
+    tn, tru = _norm(sim, "phalloidin").compute(), _norm(sim, "truth").compute()
+    rows = _rows(result)
+    coefs = {(c["reference"], c["method"]): (c["alpha"], c["beta"])
+             for c in result["parameters"]["affine_fit"]["coefficients"]}
+    for name, path, channel in (("input", sim, "AC-15"), ("fake", root / "fake.zarr", "AC-15-restored")):
+        pred = _norm(path, channel).compute()
+        for ref_name, ref in (("target", tn), ("truth", tru)):
+            row = rows[(name, ref_name, "image")]
+            want = M.table1_metrics(ref, normalize_minmse(pred, ref).astype(np.float32), data_range=1.0)
+            for k, v in want.items():
+                assert row[f"{k}_fit"] == pytest.approx(v, rel=1e-5), (name, ref_name, k)
+            # The least-squares fit minimises the whole-image MSE: its PSNR can only be higher.
+            assert row["psnr_fit"] >= row["psnr"] - 1e-9
+    # Patch rows use the whole-image fit of the same pair (one fit per image, never per patch).
+    ps = M.foreground_patches(open_image(sim).sel(c="phalloidin").data, tn, _norm(root / "fake.zarr",
+                              "AC-15-restored"), n=N_PATCHES, seed=3)
+    alpha, beta = coefs[("target", "fake")]
+    want = M.table1_metrics(ps.pred, (ps.input.astype(np.float64) * alpha + beta).astype(np.float32),
+                            data_range=1.0)
+    for k, v in want.items():
+        assert rows[("fake", "target", "patches")][f"{k}_fit"] == pytest.approx(v, rel=1e-6), k
+
+
 def test_restoration_beats_the_input_against_truth(result):
     rows = _rows(result)
     for region in ("patches", "image"):

@@ -243,6 +243,35 @@ def test_resume_refuses_changed_options(plate, tmp_path, monkeypatch):
     assert open_patches(tmp_path / "c.zarr").n_patches == 20
 
 
+def test_sampled_percentiles_follow_csbdeep(plate, tmp_path):
+    """Every patch is its raw region mapped by percentiles drawn in CSBDeep's ranges, shared by input and target."""
+    path, data = plate
+    store = create_patches(path, tmp_path / "s.zarr", input_channels=["in"], target_channels=["tg"], patch_size=P,
+                           patches_per_image=12, sample_percentiles=True, split_by="patch")
+    s, t = open_patches(store), read_table(store)
+    assert s.meta["normalization"]["sampled"]["low"] == [1.0, 3.0]
+    levels = []
+    for i in range(s.n_patches):
+        img = data[t["key"][i]]
+        y, x = int(t["y"][i]), int(t["x"][i])
+        lohi = []
+        for arr, c in ((s.X, 0), (s.Y, 1)):
+            raw = img[c, y:y + P, x:x + P].astype(np.float64).ravel()
+            a, b = np.polyfit(raw, np.asarray(arr[i]).astype(np.float64).ravel(), 1)  # patch = a * raw + b
+            lohi.append((-b / a, -b / a + 1 / a))
+        # lo/hi interpolate each image's numpy percentiles at the module's grid of levels: invert the input's.
+        gl, gh = np.array(patches_mod._GRID_LOW), np.array(patches_mod._GRID_HIGH)
+        ql = np.interp(lohi[0][0], np.percentile(img[0], gl), gl)
+        qh = np.interp(lohi[0][1], np.percentile(img[0], gh), gh)
+        assert 1.0 <= ql <= 3.0 and 99.5 <= qh <= 99.9
+        # One draw for input and target: the target's values are its percentiles at the same levels.
+        want = np.interp(ql, gl, np.percentile(img[1], gl)), np.interp(qh, gh, np.percentile(img[1], gh))
+        assert lohi[1][0] == pytest.approx(want[0], abs=1.0)  # the target's low end steps by whole grey levels
+        assert lohi[1][1] == pytest.approx(want[1], rel=1e-3)
+        levels.append(ql)
+    assert np.std(levels) > 0.3  # drawn per patch, not one value
+
+
 def test_poisson_noise_is_deterministic(plate, tmp_path):
     path, _ = plate
     kw = dict(input_channels=["in"], target_channels=["tg"], patch_size=P, patches_per_image=6, poisson=True, seed=3)

@@ -199,6 +199,25 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data):
         assert all(np.isfinite(f[k][...]).all() for k in _h5_datasets(f))
 
 
+def test_validation_loss_is_the_mean_over_every_validation_patch(data):
+    """24 validation patches at batch 16: the last, smaller batch counts, each patch once (Keras fit's mean)."""
+    from l2l_scale.train import train
+
+    store = open_patches(data["store"])
+    xv, yv = store.X[store.n_train:], store.Y[store.n_train:]
+    want = []
+
+    def score(epoch, logs, model):
+        pred = np.asarray(model(xv, training=False))
+        want.append((logs["val_loss"], float(np.mean(np.abs(pred - yv)))))
+
+    train(data["store"], data["base"] / "val_mean", epochs=2, steps_per_epoch=2, batch_size=16, unet_n_depth=1,
+          unet_n_first=8, strategy="none", tensorboard=False, hooks=[score])
+    assert store.n_validation % 16 and len(want) == 2
+    for got, ref in want:
+        assert got == pytest.approx(ref, rel=1e-5)
+
+
 def test_plateau_and_early_stopping(data):
     """After a worse epoch the learning rate halves (patience 1); after two, training stops (patience 2)."""
     from l2l_scale.model import load_model, read_metadata

@@ -45,7 +45,10 @@ per reference (``target``, and ``truth`` when given) and per region:
 
 Columns: ``psnr``, ``nrmse`` (min-max), ``ms_ssim_5``, ``ms_ssim_3``, ``ms_ssim_1`` (the paper's presets),
 ``pcc``, ``tolerance_level`` (VirFluoNet) and the Michelson and RMS contrast (``michelson``, ``rms``; the
-paper's recipe, a property of the image alone, so equal for both references). Comparisons that do not exist
+paper's recipe, a property of the image alone, so equal for both references). These are the *raw* metrics. The
+``*_fit`` columns (``psnr_fit``, ``nrmse_fit``, ``ms_ssim_5_fit``, ``ms_ssim_3_fit``, ``ms_ssim_1_fit``) are the
+same metrics after the least-squares affine fit of the image to the reference (CARE's ``normalize_minmse``, see
+:mod:`l2l_scale.evaluate.scale`): scale-invariant, like PCC. Comparisons that do not exist
 (the target against itself) are empty in the CSV and ``null`` in the JSON; non-finite values are written as
 ``inf``/``nan`` in the CSV and ``null`` in the JSON (e.g. the PSNR of identical images).
 
@@ -80,6 +83,7 @@ __all__ = [
     "CSV_COLUMNS",
     "EVALUATION_FILE",
     "EVALUATION_VERSION",
+    "FIT_COLUMNS",
     "ImageSpec",
     "METRIC_COLUMNS",
     "METRICS_FILE",
@@ -96,10 +100,13 @@ METRICS_FILE = "metrics.csv"
 MAPS_DIR = "maps"
 EVALUATION_VERSION = 1
 NORMALIZE_MODES = ("percentile", "none")
+_RAW_FITTED = ("psnr", "nrmse", "ms_ssim_5", "ms_ssim_3", "ms_ssim_1")
+#: The scale-dependent metrics again after the affine fit to the reference (:mod:`l2l_scale.evaluate.scale`).
+FIT_COLUMNS = tuple(f"{m}_fit" for m in _RAW_FITTED)
 METRIC_COLUMNS = ("psnr", "nrmse", "ms_ssim_5", "ms_ssim_3", "ms_ssim_1", "pcc", "tolerance_level", "michelson",
-                  "rms")
+                  "rms") + FIT_COLUMNS
 CSV_COLUMNS = ("method", "role", "reference", "region", "n_patches") + METRIC_COLUMNS
-_COMPARISON = METRIC_COLUMNS[:7]
+_COMPARISON = METRIC_COLUMNS[:7] + FIT_COLUMNS
 _RESERVED = ("input", "target", "truth")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
@@ -410,7 +417,23 @@ def _whole_image_metrics(pairs: Sequence[tuple[da.Array, da.Array, float]]) -> l
     return out
 
 
-def _patch_metrics(t: np.ndarray, p: np.ndarray, r: float) -> dict[str, float]:
+def _fitted_image_metrics(pairs: Sequence[tuple[da.Array, da.Array, float]],
+                          coefs: Sequence[tuple[float, float]]) -> list[dict[str, float]]:
+    """PSNR, NRMSE and MS-SSIM (M=5, 3, 1) of every pair after the affine fit ``alpha * image + beta``."""
+    from l2l_scale.evaluate import metrics as m
+
+    plans = []
+    for (t, p, r), (alpha, beta) in zip(pairs, coefs):
+        q = (p.astype(np.float64) * alpha + beta).astype(np.float32)
+        plans += [m._psnr_plan(t, q, r), m._nrmse_plan(t, q, "min-max")]
+        for scales in (5, 3, 1):
+            w, f = m.MS_SSIM_PRESETS[scales]
+            plans.append(m._ms_ssim_plan(t, q, w, f, 1.5, 0.01, 0.03, r, relu=True))
+    values = m._run(plans) if plans else []
+    return [dict(zip(FIT_COLUMNS, (float(x) for x in values[5 * i: 5 * i + 5]))) for i in range(len(pairs))]
+
+
+def _patch_metrics(t: np.ndarray, p: np.ndarray, r: float, coef: tuple[float, float]) -> dict[str, float]:
     """Means over a patch set, as the paper's Table 1 reports them."""
     from l2l_scale.evaluate.metrics import pcc, table1_metrics, tolerance_level
 
@@ -419,6 +442,8 @@ def _patch_metrics(t: np.ndarray, p: np.ndarray, r: float) -> dict[str, float]:
         pc = np.asarray(pcc(t, p))
         row["pcc"] = float(np.nanmean(pc)) if np.isfinite(pc).any() else float("nan")
     row["tolerance_level"] = float(np.mean(tolerance_level(t, p, data_range=r).value))
+    fitted = table1_metrics(t, (p.astype(np.float64) * coef[0] + coef[1]).astype(np.float32), data_range=r)
+    row.update({f"{k}_fit": v for k, v in fitted.items()})
     return {k: float(v) for k, v in row.items()}
 
 
@@ -583,6 +608,7 @@ def evaluate(target: Any, restorations: Mapping[str, Any] | Sequence[Any], outpu
         The results folder exists (without ``overwrite``) or overlaps an input.
     """
     from l2l_scale.evaluate.metrics import contrast, foreground_patches
+    from l2l_scale.evaluate.scale import affine_coefficients_many
     from l2l_scale.preprocess.contrast import image_contrast
     from l2l_scale.preprocess.normalize import parse_percentiles
 
@@ -654,6 +680,11 @@ def evaluate(target: Any, restorations: Mapping[str, Any] | Sequence[Any], outpu
             pairs.append((ref.norm, im.norm, ranges[ref.name]))
             keys.append((ref.name, im.name))
     whole = dict(zip(keys, _whole_image_metrics(pairs)))
+    # One affine fit per (reference, image), over the whole image; the patch rows reuse it (never a fit per patch).
+    coefs = affine_coefficients_many([(t, p) for t, p, _ in pairs])
+    for key, fitted in zip(keys, _fitted_image_metrics(pairs, coefs)):
+        whole[key].update(fitted)
+    fits = dict(zip(keys, coefs))
     contrast_kw = dict(top_fraction=float(contrast_top_fraction), percentiles=cq)
     image_contrasts = {im.name: image_contrast(im.norm, label=f"{im.label} {im.spec}", **contrast_kw)
                        for im in rows_images}
@@ -668,7 +699,8 @@ def evaluate(target: Any, restorations: Mapping[str, Any] | Sequence[Any], outpu
                                      seed=seed).corners
         cut = dict(zip([im.name for im in everything], _cut([im.norm for im in everything], corners, psize)))
         for (ref_name, name) in keys:
-            patch_rows[(ref_name, name)] = _patch_metrics(cut[ref_name], cut[name], ranges[ref_name])
+            patch_rows[(ref_name, name)] = _patch_metrics(cut[ref_name], cut[name], ranges[ref_name],
+                                                          fits[(ref_name, name)])
         for im in rows_images:
             with np.errstate(all="ignore"):
                 mi, rm = contrast(cut[im.name], **contrast_kw)
@@ -690,6 +722,11 @@ def evaluate(target: Any, restorations: Mapping[str, Any] | Sequence[Any], outpu
     parameters = {
         "normalize": mode, "percentiles": list(q), "data_range": {k: float(v) for k, v in ranges.items()},
         "smooth": float(smooth),
+        "affine_fit": {"columns": list(FIT_COLUMNS),
+                       "rule": "alpha * image + beta, least squares against the reference over the whole image "
+                               "(csbdeep.utils.normalize_minmse); the patch rows use the whole-image fit",
+                       "coefficients": [{"reference": k[0], "method": k[1], "alpha": c[0], "beta": c[1]}
+                                        for k, c in fits.items()]},
         "patches": {"n": n_patches, "size": psize, "seed": int(seed), "threshold": float(threshold),
                     "selected_on": "target (raw)"},
         "contrast": {"sigma": 2.0, "percentiles": list(cq), "top_fraction": float(contrast_top_fraction)},
