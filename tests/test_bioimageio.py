@@ -107,16 +107,27 @@ def test_export_with_a_users_test_image(trained, tmp_path):
     np.testing.assert_array_equal(x[0, ..., 0], raw[1, 1:101, 1:101])
 
 
-@pytest.mark.parametrize("weight_format", ["keras_hdf5", "onnx", "tensorflow_saved_model_bundle"])
-def test_bioimageio_core_test_model(package, weight_format, tmp_path, monkeypatch):
+def _test_model(package, weight_format, tmp_path, monkeypatch):
+    """bioimageio.core's ``test_model``, with this process's environment kept as it was.
+
+    ``test_model`` sets ``KERAS_BACKEND`` (default "torch") and ``TF_ENABLE_ONEDNN_OPTS=0`` in ``os.environ`` and
+    never resets them. Left behind, every Dask worker started later in the session would run TensorFlow without
+    oneDNN while this process keeps it, so their results would differ in the last bit and the bit-identity tests
+    (resume, worker kills, crossval on workers) would fail. TensorFlow is imported first for the same reason: if
+    ``test_model`` imported it, this process would run without oneDNN for the rest of the session.
+    """
+    import tensorflow  # noqa: F401
     from bioimageio.core import test_model
 
     monkeypatch.chdir(tmp_path)  # bioimageio.core unzips TF weights into ./bioimageio_unzipped_tf_weights
-    # bioimageio.core sets KERAS_BACKEND (default "torch") and TF_ENABLE_ONEDNN_OPTS in os.environ; restore both
-    # afterwards, so later tests' subprocesses still get Keras' TensorFlow backend
     monkeypatch.setenv("KERAS_BACKEND", "tensorflow")
     monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", os.environ.get("TF_ENABLE_ONEDNN_OPTS", "1"))
-    summary = test_model(package, weight_format=weight_format)
+    return test_model(package, weight_format=weight_format)
+
+
+@pytest.mark.parametrize("weight_format", ["keras_hdf5", "onnx", "tensorflow_saved_model_bundle"])
+def test_bioimageio_core_test_model(package, weight_format, tmp_path, monkeypatch):
+    summary = _test_model(package, weight_format, tmp_path, monkeypatch)
     failed = [d for d in summary.details if d.status == "failed"]
     assert summary.status == "passed", [(d.name, [e.msg for e in d.errors]) for d in failed]
 
@@ -304,11 +315,7 @@ def test_csbdeep_export_tf_zip_equals_csbdeep_predict(tmp_path, cache, last_acti
     assert a == pytest.approx(hi - lo, rel=1e-4) and b == pytest.approx(lo, rel=1e-4, abs=1e-2)
     np.testing.assert_allclose(ours, (ref - b) / a, atol=1e-4)
     if last_activation == "linear":  # such a zip also becomes a bioimage.io package that test_model accepts
-        from bioimageio.core import test_model
-
         from l2l_scale.model.bioimageio import export_bioimageio
 
         pkg = export_bioimageio(zip_path, tmp_path / "care.zip", authors=["A"], weight_formats=["keras_hdf5"])
-        monkeypatch.setenv("KERAS_BACKEND", "tensorflow")
-        monkeypatch.chdir(tmp_path)
-        assert test_model(pkg, weight_format="keras_hdf5").status == "passed"
+        assert _test_model(pkg, "keras_hdf5", tmp_path, monkeypatch).status == "passed"

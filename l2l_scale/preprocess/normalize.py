@@ -227,7 +227,10 @@ def _count_kernel() -> Any:
                 else:
                     # numba picks the cache folder when the function is decorated; set it for this one only.
                     numba_config.CACHE_DIR = folder
-                    _kernel = numba.njit(nogil=True, cache=True)(_count_loop)
+                    try:
+                        _kernel = numba.njit(nogil=True, cache=True)(_count_loop)
+                    except RuntimeError:  # "cannot cache function ...: no locator available" (read-only setups)
+                        _kernel = numba.njit(nogil=True)(_count_loop)
             finally:
                 numba_config.CACHE_DIR = previous
     return _kernel
