@@ -25,7 +25,6 @@ The heavy backends import their packages only when chosen; a missing package giv
 from __future__ import annotations
 
 import os
-import sys
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,6 +33,7 @@ from typing import Annotated, Any, Iterable, Iterator, Literal, Sequence, Union
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 from l2l_scale.errors import ConfigError
+from l2l_scale.io.atomic import say as _say
 
 DEFAULT_DASHBOARD = "127.0.0.1:8787"
 CLUSTER_ENV = "L2L_SCALE_CLUSTER"  # a default --cluster file, e.g. set once in a facility's module file
@@ -445,10 +445,6 @@ def config_from_options(workers: int | None = None, threads_per_worker: int | No
 
 
 # ------------------------------------------------------------------------------------------- backends
-
-
-def _say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def _require(module: str, kind: str) -> Any:
