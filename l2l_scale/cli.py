@@ -7,6 +7,7 @@ exit with code 2; ``--debug`` shows the traceback instead.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -41,7 +42,27 @@ def _names(text: str | None) -> list[str] | None:
     return [t.strip() for t in text.split(",") if t.strip()] if text else None
 
 
-def _cluster_args(p: argparse.ArgumentParser) -> None:
+class _SharedLast(argparse.HelpFormatter):
+    """Usage lines name a command's own arguments first and the options from the parent parsers last."""
+
+    def add_usage(self, usage, actions, groups, prefix=None):  # noqa: D102
+        shared = _shared_dests()
+        super().add_usage(usage, sorted(actions, key=lambda a: a.dest in shared), groups, prefix)
+
+
+@functools.lru_cache(maxsize=None)
+def _shared_dests() -> frozenset[str]:
+    return frozenset(a.dest for parent in (_cluster_parent(), _unet_parent(), _output_parent("", "-"))
+                     for a in parent._actions)
+
+
+_REPLACE = "replace an existing output"
+_RESUME_BLOCKS = "finish an interrupted run, computing only missing blocks"
+
+
+def _cluster_parent() -> argparse.ArgumentParser:
+    """The cluster options every distributed command shares (an argparse parent parser)."""
+    p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("cluster (default: a LocalCluster on this machine, dashboard on 127.0.0.1)")
     g.add_argument("--workers", type=int, help="LocalCluster worker processes (default: one per core)")
     g.add_argument("--threads-per-worker", type=int, help="threads per worker (default 1)")
@@ -52,6 +73,37 @@ def _cluster_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cluster", metavar="FILE.yaml",
                    help="cluster config: kind local, address (TLS), cuda, slurm/pbs/lsf or kubernetes; examples in "
                         "deploy/ (default: $L2L_SCALE_CLUSTER if set)")
+    return p
+
+
+def _output_parent(overwrite: str, resume: str | None = None) -> argparse.ArgumentParser:
+    """``--overwrite`` (and ``--resume``) of a command that writes an output; the help says what is replaced."""
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("output")
+    g.add_argument("--overwrite", action="store_true", help=overwrite)
+    if resume:
+        g.add_argument("--resume", action="store_true", help=resume)
+    return p
+
+
+def _default(config: type, field: str) -> object:
+    """A pydantic config field's default, so that help texts cannot drift from the configs."""
+    return config.model_fields[field].default
+
+
+def _unet_parent() -> argparse.ArgumentParser:
+    """The CARE U-Net architecture options of the commands that train (defaults: :class:`TrainConfig`)."""
+    from l2l_scale.config import TrainConfig
+
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("U-Net architecture (CSBDeep CARE)")
+    g.add_argument("--unet-depth", type=int, default=None,
+                   help=f"U-Net depth (default {_default(TrainConfig, 'unet_n_depth')})")
+    g.add_argument("--unet-kern-size", type=int, default=None,
+                   help=f"convolution kernel size (default {_default(TrainConfig, 'unet_kern_size')})")
+    g.add_argument("--unet-n-first", type=int, default=None,
+                   help=f"filters of the first level (default {_default(TrainConfig, 'unet_n_first')})")
+    return p
 
 
 def _cluster(args: argparse.Namespace, *, model_step: bool = False, inputs: Sequence[str] = (),
@@ -314,20 +366,29 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
-    def add(name: str, func: Callable, help_: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_, description=help_)
+    def add(name: str, func: Callable, help_: str, *parents: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=help_, parents=list(parents), formatter_class=_SharedLast)
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
         p.set_defaults(func=func)
         return p
 
-    p = add("demo", _cmd_demo, "run the whole pipeline on simulated actin data and write an HTML report")
+    cluster, unet = _cluster_parent(), _unet_parent()
+    for add_commands in (_add_data_commands, _add_preprocess_commands, _add_model_commands, _add_judge_commands):
+        add_commands(add, cluster, unet)
+    return parser
+
+
+def _add_data_commands(add: Callable, cluster: argparse.ArgumentParser,
+                       unet: argparse.ArgumentParser) -> None:
+    """demo, simulate, info and convert: data in and out."""
+    p = add("demo", _cmd_demo, "run the whole pipeline on simulated actin data and write an HTML report",
+            _output_parent("replace an existing demo folder"), cluster)
     p.add_argument("--out", default="l2l-demo", help="output folder (default ./l2l-demo)")
     p.add_argument("--size", type=int, default=None, help="mosaic size in pixels (default 2048)")
     p.add_argument("--epochs", type=int, default=None, help="training epochs (default: a few minutes on a CPU)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing demo folder")
-    _cluster_args(p)
 
-    p = add("simulate", _cmd_simulate, "write simulated dual-label images with ground truth as OME-Zarr")
+    p = add("simulate", _cmd_simulate, "write simulated dual-label images with ground truth as OME-Zarr",
+            _output_parent(_REPLACE), cluster)
     p.add_argument("output", help="output .zarr (an image, or an HCS plate with --fields > 1)")
     p.add_argument("--structure", default="actin",
                    help="actin, tubulin, adhesions, caveolae or nuclei-membrane (default actin)")
@@ -337,14 +398,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n2n", action="store_true", help="add a second noise realisation of the input label")
     p.add_argument("--drift", help="stage drift DY,DX in pixels of the --n2n repeat acquisition")
     p.add_argument("--chunks", type=int, default=1024, help="chunk side in pixels (default 1024)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    _cluster_args(p)
 
     p = add("info", _cmd_info, "describe an OME-Zarr image, plate or folder")
     p.add_argument("path")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
 
-    p = add("convert", _cmd_convert, "convert TIFF / OME-TIFF files to OME-Zarr (an image, a folder or a plate)")
+    p = add("convert", _cmd_convert, "convert TIFF / OME-TIFF files to OME-Zarr (an image, a folder or a plate)",
+            _output_parent(_REPLACE), cluster)
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="TIFF files, folders or globs")
     p.add_argument("output", help="output .zarr (one input) or folder / plate (several inputs)")
     p.add_argument("--plate", metavar="PATTERN",
@@ -354,21 +414,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--channel-names", help="comma-separated channel names")
     p.add_argument("--axes", help="TIFF axes when ambiguous, e.g. CYX or ZYX")
     p.add_argument("--chunks", type=int, default=None, help="chunk side in pixels (default 1024)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    _cluster_args(p)
 
-    p = add("stats", _cmd_stats, "exact per-channel normalisation percentiles of an image, plate or folder")
+
+def _add_preprocess_commands(add: Callable, cluster: argparse.ArgumentParser,
+                             unet: argparse.ArgumentParser) -> None:
+    """stats, register, contrast and baseline."""
+    p = add("stats", _cmd_stats, "exact per-channel normalisation percentiles of an image, plate or folder",
+            _output_parent("replace an existing JSON"), cluster)
     p.add_argument("input")
     p.add_argument("--percentiles", default="1,99.9", help="low,high (default 1,99.9)")
     p.add_argument("--scope", choices=("image", "dataset"), default="image",
                    help="one set of percentiles per image, or pooled over the dataset")
     p.add_argument("--channels", help="comma-separated channel names (default: all)")
     p.add_argument("--json", metavar="OUT.json", help="write the statistics here (else print them)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing JSON")
-    _cluster_args(p)
 
     p = add("register", _cmd_register, "correct stage drift: register channels onto a reference channel and crop "
-                                       "to the common region")
+                                       "to the common region",
+            _output_parent(_REPLACE, resume=_RESUME_BLOCKS), cluster)
     p.add_argument("input", help="OME-Zarr image, plate or folder")
     p.add_argument("output", help="output .zarr (same layout; shifts stored in the attributes)")
     p.add_argument("--reference", required=True, help="reference channel name (not moved)")
@@ -383,12 +445,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--order", type=int, default=1, help="interpolation order of the shift, 0-5 (default 1)")
     p.add_argument("--seed", type=int, default=0, help="patch sampling seed (default 0)")
     p.add_argument("--chunks", type=int, default=None, help="output chunk side (default: the input's)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    p.add_argument("--resume", action="store_true", help="finish an interrupted run, computing only missing blocks")
-    _cluster_args(p)
 
     p = add("contrast", _cmd_contrast, "Michelson/RMS label contrast per channel and which label should be the "
-                                       "input and which the target")
+                                       "input and which the target",
+            _output_parent("replace an existing JSON"), cluster)
     p.add_argument("input", help="OME-Zarr image, plate or folder (averaged over images)")
     p.add_argument("--channels", required=True, help="the labels to compare, comma-separated, e.g. AC-15,phalloidin")
     p.add_argument("--top-fraction", type=float, default=0.1,
@@ -397,11 +457,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--percentiles", default="1,99", help="normalisation percentiles low,high (default 1,99)")
     p.add_argument("--no-clip", action="store_true", help="do not clip the normalised image to [0, 1]")
     p.add_argument("--json", metavar="OUT.json", help="also write the result as JSON")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing JSON")
-    _cluster_args(p)
 
     p = add("baseline", _cmd_baseline, "classical restoration baselines of the paper (Table S1): gaussian, "
-                                       "rolling-ball, tophat, clahe")
+                                       "rolling-ball, tophat, clahe",
+            _output_parent(_REPLACE, resume=_RESUME_BLOCKS), cluster)
     p.add_argument("method", choices=("gaussian", "rolling-ball", "tophat", "clahe"))
     p.add_argument("input", help="OME-Zarr image, plate or folder")
     p.add_argument("output", help="output .zarr (float32, same layout)")
@@ -411,16 +470,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sigma", type=float, help="gaussian: sigma in px (paper 2/2/3/2)")
     p.add_argument("--radius", type=float, help="rolling-ball: ball radius in px (paper 20/10/5/5)")
     p.add_argument("--size", type=int, help="tophat: square footprint side in px (paper 11/25/13/17)")
-    p.add_argument("--grid", type=int, help="clahe: contextual regions per side, OpenCV's tileGridSize (paper 11/7/7/7)")
+    p.add_argument("--grid", type=int,
+                   help="clahe: contextual regions per side, OpenCV's tileGridSize (paper 11/7/7/7)")
     p.add_argument("--kernel-size", help="clahe: region size in px instead of --grid (one value, or Y,X)")
     p.add_argument("--clip-limit", type=float, help="clahe: skimage clip limit (default 0.01)")
     p.add_argument("--chunks", type=int, default=None, help="output chunk side (default: the input's)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    p.add_argument("--resume", action="store_true", help="finish an interrupted run, computing only missing blocks")
-    _cluster_args(p)
 
+
+def _add_model_commands(add: Callable, cluster: argparse.ArgumentParser,
+                        unet: argparse.ArgumentParser) -> None:
+    """export-bioimageio, predict, patches and train."""
+    from l2l_scale.config import PatchConfig, TrainConfig
+
+    pd, td = functools.partial(_default, PatchConfig), functools.partial(_default, TrainConfig)
     p = add("export-bioimageio", _cmd_export_bioimageio,
-            "write a bioimage.io model package (format 0.5 zip: keras_hdf5, onnx and TF SavedModel weights)")
+            "write a bioimage.io model package (format 0.5 zip: keras_hdf5, onnx and TF SavedModel weights)",
+            _output_parent("replace an existing zip"))
     p.add_argument("model", help="model folder from 'l2l-scale train' (or a CSBDeep CARE folder)")
     p.add_argument("output", help="output .zip")
     p.add_argument("--author", action="append", help="author name (repeat for several; at least one)")
@@ -432,9 +497,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", help="weights file name in the model folder (default weights_best.h5)")
     p.add_argument("--weight-formats", default="keras_hdf5,onnx,tensorflow_saved_model_bundle",
                    help="comma-separated weight formats (default all three; keras_hdf5 is always written)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing zip")
 
-    p = add("predict", _cmd_predict, "restore an image, plate or folder with a CARE/L2L model (tiled, distributed)")
+    p = add("predict", _cmd_predict, "restore an image, plate or folder with a CARE/L2L model (tiled, distributed)",
+            _output_parent(_REPLACE, resume=_RESUME_BLOCKS), cluster)
     p.add_argument("model", help="CSBDeep/l2l-scale model folder (config.json + weights_*.h5), bioimage.io "
                                  "package (zip or folder) or CSBDeep export_TF SavedModel zip")
     p.add_argument("input", help="OME-Zarr image, plate or folder")
@@ -453,14 +518,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="halo in pixels (default and minimum: the model's receptive field)")
     p.add_argument("--weights", help="weights file name in the model folder (default weights_best.h5)")
     p.add_argument("--chunks", type=int, default=None, help="output chunk side (default: the tile size)")
-    p.add_argument("--resume", action="store_true", help="finish an interrupted run, computing only missing blocks")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
                    help="compute precision (default fp32, exact); bf16/fp16 need a GPU or a CPU with bf16/fp16")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    _cluster_args(p)
 
     p = add("patches", _cmd_patches, "sample normalised (augmented) training patches from image pairs into a patch "
-                                     "store")
+                                     "store",
+            _output_parent(_REPLACE, resume="finish an interrupted run, computing only missing tasks"), cluster)
     p.add_argument("dataset", help="OME-Zarr image, plate or folder; each image is one input/target pair")
     p.add_argument("output", help="output patch store (.zarr)")
     p.add_argument("--preset", help="paper preset: actin, tubulin, caveolae, pxn or separation (channels, "
@@ -470,8 +533,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "superposed channel -> several targets (default l2l)")
     p.add_argument("--input-channel", help="input channel name(s) or index(es), comma-separated")
     p.add_argument("--target-channel", help="target channel name(s), comma-separated (n2n default: INPUT-repeat)")
-    p.add_argument("--patch-size", type=int, default=None, help="patch side in pixels (default 128)")
-    p.add_argument("--patches-per-image", type=int, default=None, help="patches per image (default 512)")
+    p.add_argument("--patch-size", type=int, default=None, help=f"patch side in pixels (default {pd('patch_size')})")
+    p.add_argument("--patches-per-image", type=int, default=None,
+                   help=f"patches per image (default {pd('patches_per_image')})")
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
                    help="half of the patches from zoomed and rotated images (on with a preset)")
     p.add_argument("--zooms", help="zoom factors, comma-separated (default 0.5,0.75,1.25,1.5)")
@@ -483,32 +547,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--norm-stats", help="JSON from 'l2l-scale stats' with the percentile values to use")
     p.add_argument("--split-by", choices=("pair", "patch"), default=None,
                    help="validation split by image pair (default) or by patch (CSBDeep's 90/10)")
-    p.add_argument("--validation-fraction", type=float, default=None, help="validation fraction (default 0.1)")
+    p.add_argument("--validation-fraction", type=float, default=None,
+                   help=f"validation fraction (default {pd('validation_fraction')})")
     p.add_argument("--threshold", type=float, default=None,
                    help="foreground threshold x the target's 99.9th percentile (default 0.4, CSBDeep)")
-    p.add_argument("--seed", type=int, default=None, help="sampling seed (default 0)")
+    p.add_argument("--seed", type=int, default=None, help=f"sampling seed (default {pd('seed')})")
     p.add_argument("--chunk-patches", type=int, default=None, help="patches per zarr chunk (default ~16 MB)")
-    p.add_argument("--resume", action="store_true", help="finish an interrupted run, computing only missing tasks")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    _cluster_args(p)
 
-    p = add("train", _cmd_train, "train a CARE U-Net on a patch store (tf.distribute) and export a CSBDeep model")
+    p = add("train", _cmd_train, "train a CARE U-Net on a patch store (tf.distribute) and export a CSBDeep model",
+            unet, _output_parent("replace a model or an interrupted run in MODEL_DIR",
+                                 resume="continue from the last checkpoint in MODEL_DIR"))
     p.add_argument("patches", help="patch store from 'l2l-scale patches'")
     p.add_argument("model_dir", help="output model folder (CSBDeep layout + checkpoints/ and logs/)")
     p.add_argument("--config", help="YAML file with training settings (flags override it)")
     p.add_argument("--preset", help="paper preset: actin, tubulin, caveolae, pxn or separation (learning rate, "
                                     "batch size, steps per epoch, epochs)")
-    p.add_argument("--epochs", type=int, default=None, help="epochs (default 100)")
-    p.add_argument("--steps-per-epoch", type=int, default=None, help="training steps per epoch (default 400)")
-    p.add_argument("--batch-size", type=int, default=None, help="global batch size (default 16)")
-    p.add_argument("--learning-rate", type=float, default=None, help="Adam learning rate (default 4e-4)")
+    p.add_argument("--epochs", type=int, default=None, help=f"epochs (default {td('epochs')})")
+    p.add_argument("--steps-per-epoch", type=int, default=None,
+                   help=f"training steps per epoch (default {td('steps_per_epoch')})")
+    p.add_argument("--batch-size", type=int, default=None, help=f"global batch size (default {td('batch_size')})")
+    p.add_argument("--learning-rate", type=float, default=None,
+                   help=f"Adam learning rate (default {td('learning_rate'):g})")
     p.add_argument("--loss", choices=("l1", "l2", "ssim", "ms-ssim3", "ms-ssim5", "ms-ssim"), default=None,
                    help="training loss (default l1)")
     p.add_argument("--ssim-weights", help="MS-SSIM weights, one per scale, comma-separated")
     p.add_argument("--ssim-filter-size", type=int, default=None, help="(MS-)SSIM Gaussian filter size")
-    p.add_argument("--unet-depth", type=int, default=None, help="U-Net depth (default 2)")
-    p.add_argument("--unet-kern-size", type=int, default=None, help="convolution kernel size (default 5)")
-    p.add_argument("--unet-n-first", type=int, default=None, help="filters of the first level (default 32)")
     p.add_argument("--residual", action=argparse.BooleanOptionalAction, default=None,
                    help="residual U-Net (default: when input and output channel counts match)")
     p.add_argument("--early-stopping", type=int, default=None, metavar="PATIENCE",
@@ -517,13 +580,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: all GPUs (MirroredStrategy) or none; multiworker reads TF_CONFIG")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None,
                    help="mixed-precision training (default fp32; fp16 uses loss scaling)")
-    p.add_argument("--seed", type=int, default=None, help="seed of initialisation and shuffling (default 0)")
+    p.add_argument("--seed", type=int, default=None,
+                   help=f"seed of initialisation and shuffling (default {td('seed')})")
     p.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=None,
                    help="TensorBoard logs when tensorboard is installed (default on)")
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in MODEL_DIR")
-    p.add_argument("--overwrite", action="store_true", help="replace a model or an interrupted run in MODEL_DIR")
+
+
+def _add_judge_commands(add: Callable, cluster: argparse.ArgumentParser,
+                        unet: argparse.ArgumentParser) -> None:
+    """evaluate, report and crossval."""
     p = add("evaluate", _cmd_evaluate, "compare restorations with the target label (and a ground truth): Table 1 "
-                                       "metrics, contrast and difference maps")
+                                       "metrics, contrast and difference maps",
+            _output_parent("replace an existing results folder"), cluster)
     p.add_argument("output", metavar="OUT_DIR", help="results folder: evaluation.json, metrics.csv, maps/")
     p.add_argument("--target", required=True, metavar="PATH[:CHANNEL]",
                    help="target label, e.g. sim.zarr:phalloidin (plate fields as PLATE.zarr/A/1/0:CHANNEL)")
@@ -554,18 +622,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="contrast sample: brightest fraction (default 0.1; paper 0.01 for caveolae)")
     p.add_argument("--contrast-percentiles", default="1,99", help="contrast normalisation low,high (default 1,99)")
     p.add_argument("--chunks", type=int, default=None, help="chunk side of the difference maps (default 1024)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing results folder")
-    _cluster_args(p)
 
-    p = add("report", _cmd_report, "write a self-contained HTML report of an evaluation folder")
+    p = add("report", _cmd_report, "write a self-contained HTML report of an evaluation folder",
+            _output_parent("replace an existing report"))
     p.add_argument("results", metavar="RESULTS_DIR", help="folder written by 'l2l-scale evaluate'")
     p.add_argument("--out", metavar="report.html", help="HTML file (default RESULTS_DIR/report.html)")
     p.add_argument("--crop-size", type=int, default=256, help="side of the image crops in pixels (default 256)")
     p.add_argument("--crop", metavar="Y,X", help="top-left corner of the crops (default: on a foreground patch)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing report")
 
     p = add("crossval", _cmd_crossval, "repeated k-fold cross-validation split by image pair (paper Fig. 5, "
-                                       "Table 3): relative change of NRMSE and 5-scale MS-SSIM per N")
+                                       "Table 3): relative change of NRMSE and 5-scale MS-SSIM per N",
+            unet, _output_parent("delete an existing OUT_DIR first",
+                                 resume="finish an interrupted run; finished folds are skipped"), cluster)
     p.add_argument("dataset", help="OME-Zarr plate or folder; each image (field) is one input/target pair")
     p.add_argument("out_dir", metavar="OUT_DIR", help="results: crossval.json, crossval.csv, folds/, run.json")
     p.add_argument("--input-channel", help="input label (one channel; default: the preset's)")
@@ -585,9 +653,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--learning-rate", type=float, default=None, help="Adam learning rate (preset: Table 3)")
     p.add_argument("--loss", choices=("l1", "l2", "ssim", "ms-ssim3", "ms-ssim5"), default=None,
                    help="training loss (preset: Table 3, ms-ssim3 or l1 for pxn)")
-    p.add_argument("--unet-depth", type=int, default=None, help="U-Net depth (default 2)")
-    p.add_argument("--unet-n-first", type=int, default=None, help="filters of the first level (default 32)")
-    p.add_argument("--unet-kern-size", type=int, default=None, help="convolution kernel size (default 5)")
     p.add_argument("--patch-size", type=int, default=None, help="patch side in pixels (default 128)")
     p.add_argument("--patches-per-image", type=int, default=None, help="patches per training pair (default 512)")
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
@@ -602,10 +667,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compute precision of each fold's training and prediction (default fp32)")
     p.add_argument("--seed", type=int, default=0, help="seed of pair draws, patches and training (default 0)")
     p.add_argument("--keep-work", action="store_true", help="keep each fold's patches, model and restorations")
-    p.add_argument("--resume", action="store_true", help="finish an interrupted run; finished folds are skipped")
-    p.add_argument("--overwrite", action="store_true", help="delete an existing OUT_DIR first")
-    _cluster_args(p)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:

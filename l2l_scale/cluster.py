@@ -25,7 +25,6 @@ The heavy backends import their packages only when chosen; a missing package giv
 from __future__ import annotations
 
 import os
-import sys
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,6 +33,7 @@ from typing import Annotated, Any, Iterable, Iterator, Literal, Sequence, Union
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 from l2l_scale.errors import ConfigError
+from l2l_scale.io.atomic import say as _say
 
 DEFAULT_DASHBOARD = "127.0.0.1:8787"
 CLUSTER_ENV = "L2L_SCALE_CLUSTER"  # a default --cluster file, e.g. set once in a facility's module file
@@ -90,7 +90,18 @@ class TLSFiles(_Model):
         return Security(require_encryption=True, **files)
 
 
-class LocalConfig(_Model):
+class _LocalWorkers(_Model):
+    """Workers started on this machine: a per-worker memory limit, checked like Dask's own sizes."""
+
+    memory_limit: str = "auto"
+
+    @field_validator("memory_limit")
+    @classmethod
+    def _memory(cls, v: str) -> str:
+        return _check_size(v)
+
+
+class LocalConfig(_LocalWorkers):
     """``kind: local``: a LocalCluster on this machine (scheduler and dashboard on 127.0.0.1).
 
     Attributes
@@ -111,15 +122,9 @@ class LocalConfig(_Model):
     kind: Literal["local"] = "local"
     workers: int | None = Field(default=None, ge=1)
     threads_per_worker: int | None = Field(default=None, ge=1)
-    memory_limit: str = "auto"
     dashboard_address: str = DEFAULT_DASHBOARD
     resources: dict[str, float] | None = None
     local_directory: str | None = None
-
-    @field_validator("memory_limit")
-    @classmethod
-    def _memory(cls, v: str) -> str:
-        return _check_size(v)
 
 
 class ThreadsConfig(_Model):
@@ -156,7 +161,7 @@ class AddressConfig(_Model):
         return self
 
 
-class CudaConfig(_Model):
+class CudaConfig(_LocalWorkers):
     """``kind: cuda``: dask-cuda's LocalCUDACluster, one worker process per GPU advertising ``GPU=1``.
 
     Attributes
@@ -172,14 +177,8 @@ class CudaConfig(_Model):
     kind: Literal["cuda"] = "cuda"
     devices: str | list[int] | None = None
     threads_per_worker: int = Field(default=2, ge=1)
-    memory_limit: str = "auto"
     dashboard_address: str = DEFAULT_DASHBOARD
     local_directory: str | None = None
-
-    @field_validator("memory_limit")
-    @classmethod
-    def _memory(cls, v: str) -> str:
-        return _check_size(v)
 
 
 class JobqueueConfig(_Model):
@@ -445,10 +444,6 @@ def config_from_options(workers: int | None = None, threads_per_worker: int | No
 
 
 # ------------------------------------------------------------------------------------------- backends
-
-
-def _say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def _require(module: str, kind: str) -> Any:

@@ -69,8 +69,6 @@ journal line per patch chunk, :mod:`l2l_scale.io.journal`) let ``resume=True`` f
 from __future__ import annotations
 
 import json
-import os
-import sys
 import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -82,9 +80,10 @@ import zarr
 from zarr.codecs import BloscCodec, BloscShuffle
 
 from l2l_scale.config import PatchConfig, patch_config
-from l2l_scale.errors import ChannelError, ConfigError, InputError, OutputError
+from l2l_scale.errors import ChannelError, ConfigError, InputError
 from l2l_scale.io import journal
 from l2l_scale.io import ome_zarr as oz
+from l2l_scale.io.atomic import say as _say, write_json
 from l2l_scale.io.blockwrite import RECORDS
 
 __all__ = ["FORMAT_VERSION", "PatchStore", "create_patches", "open_patches", "read_table"]
@@ -105,10 +104,6 @@ _ORDER_SEED = 0x5012
 SAMPLED_LOW, SAMPLED_HIGH = (1.0, 3.0), (99.5, 99.9)
 _GRID_LOW = tuple(float(v) for v in np.linspace(*SAMPLED_LOW, 41))
 _GRID_HIGH = tuple(float(v) for v in np.linspace(*SAMPLED_HIGH, 41))
-
-
-def _say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def _codec() -> BloscCodec:
@@ -303,12 +298,6 @@ def _augment(region: np.ndarray, patch: int, rotation: int) -> np.ndarray:
     return region
 
 
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj))
-    os.replace(tmp, path)
-
-
 def _image_task(job: dict) -> int:
     """Sample, read, augment, normalise and stage the patches of one image (one Dask task)."""
     from numpy.lib.format import open_memmap
@@ -344,7 +333,7 @@ def _image_task(job: dict) -> int:
         Y.flush()
         del X, Y
     # The table is the completion marker: it is written (atomically) only after the staged arrays.
-    _write_json_atomic(stage.with_suffix(".json"), {"n": n, "rows": plan.tolist(), "reason": reason})
+    write_json(stage.with_suffix(".json"), {"n": n, "rows": plan.tolist(), "reason": reason}, indent=None)
     return n
 
 
@@ -375,7 +364,7 @@ def _percentile_grid(images: list, progress: Path) -> dict:
         plane = data.isel({d: 0 for d in ("t", "z") if d in data.dims})
         v = percentiles(plane, list(_GRID_LOW + _GRID_HIGH), channel_axis="c")
         grid[im.key] = {"low": v[:, :len(_GRID_LOW)].tolist(), "high": v[:, len(_GRID_LOW):].tolist()}
-    _write_json_atomic(cached, grid)
+    write_json(cached, grid, indent=None)
     return grid
 
 
@@ -468,7 +457,7 @@ def _norm_stats(dataset: Path, cfg: PatchConfig, channels: list[str], progress: 
         stats = load_stats(cfg.norm_stats)
     else:
         stats = dataset_stats(dataset, q=cfg.percentiles, scope=cfg.norm_scope, channels=channels, progress=True)
-    _write_json_atomic(cached, stats)
+    write_json(cached, stats, indent=None)
     return stats
 
 
@@ -485,7 +474,7 @@ def _filter_levels(dataset: Path, cfg: PatchConfig, stats: dict, targets: list[s
     else:
         fs = dataset_stats(dataset, q=(0.0, cfg.filter_percentile), scope="image", channels=targets, progress=True)
         levels = {k: {t: float(v[t]["hi"]) for t in targets} for k, v in fs["images"].items()}
-    _write_json_atomic(cached, levels)
+    write_json(cached, levels, indent=None)
     return levels
 
 

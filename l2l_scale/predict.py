@@ -44,7 +44,16 @@ DEFAULT_TILE = 1024
 DEFAULT_BATCH = 4
 MAX_TILE = 8192
 UINT16_RANGE = (-0.5, 2.5)  # normalised units covered by --dtype uint16 (step 4.6e-5)
-_MODEL_LOCKS: dict[tuple, threading.Lock] = defaultdict(threading.Lock)
+_MODEL_LOCKS: dict[tuple, threading.Lock] = {}  # one lock per loaded model and process; see _model_lock
+
+
+def _model_lock(key: tuple) -> threading.Lock:
+    """The lock that serialises calls of one model in this process.
+
+    ``dict.setdefault`` is one atomic operation, so two worker threads asking for a new key at once get the same
+    lock; a ``defaultdict`` lookup is atomic only as long as CPython's GIL happens to make it so.
+    """
+    return _MODEL_LOCKS.get(key) or _MODEL_LOCKS.setdefault(key, threading.Lock())
 
 
 @dataclass(frozen=True)
@@ -157,7 +166,7 @@ def _predict_blocks(blocks: _Blocks, per_call: int) -> int:
     prepared = [_prepare_block(*item) for item in blocks.items]
     task0 = blocks.items[0][0]
     model = get_cached_model(task0["model"], task0["weights"], task0["precision"])
-    lock = _MODEL_LOCKS[(task0["model"], task0["weights"], task0["precision"])]
+    lock = _model_lock((task0["model"], task0["weights"], task0["precision"]))
     by_shape: dict[tuple[int, int], list] = defaultdict(list)
     for blk in prepared:
         for a, b in blk.tiles:
@@ -345,7 +354,7 @@ def predict(model: str | Path, input: str | Path, output: str | Path, *, channel
     Path or dict
         The output path (a dict with ``dry_run``).
     """
-    from l2l_scale.cluster import compute_with_progress, current_client, worker_resources
+    from l2l_scale.cluster import current_client, worker_resources
     from l2l_scale.model import check_backend, check_precision, sha256_file
     from l2l_scale.preprocess.normalize import parse_percentiles
 

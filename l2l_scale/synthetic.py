@@ -95,6 +95,7 @@ import math
 import operator
 import zlib
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
@@ -191,29 +192,31 @@ class StructureSpec:
 #                   sup_sytox / sup_cd44 (weights of both markers in the superposed acquisition)
 _COMMON = dict(dark=0.3, adu=16.0, offset_adu=100.0, read_adu=6.0, truth_gain=1000.0, fill=0.9)
 
+def _confocal(name: str, input: str, target: str, psf_fwhm_nm: tuple[float, float], cell_pitch_um: float,
+              description: str, **params: Any) -> StructureSpec:
+    """A structure imaged like the paper's 63x/1.4 NA confocal pairs: 45 nm pixels (4096^2 fields), 1/99.9
+    training percentiles, the brightest 10 % of pixels as the contrast sample."""
+    return StructureSpec(name=name, input=input, targets=(target,), pixel_size_nm=45.0, modality="confocal",
+                         psf_fwhm_nm=psf_fwhm_nm, cell_pitch_um=cell_pitch_um, contrast_fraction=0.10,
+                         percentiles=(1.0, 99.9), description=description, params=dict(_COMMON, **params))
+
+
 STRUCTURES: dict[str, StructureSpec] = {
-    "actin": StructureSpec(
-        name="actin", input="AC-15", targets=("phalloidin",), pixel_size_nm=45.0, modality="confocal",
-        psf_fwhm_nm=(230.0, 220.0), cell_pitch_um=52.0, contrast_fraction=0.10, percentiles=(1.0, 99.9),
-        description="HeLa actin: curved stress fibres and bundles, cortical ring, short meshwork filaments",
-        params=dict(_COMMON, cell_radius_um=(11.0, 16.0), count=(10, 22), tg_peak=60.0, tg_bg=0.2, tg_mod=0.1,
-                    in_peak=15.0, in_bg=8.5, in_nuc=0.4, in_mod=0.4, punct_density=0.3, punct_peak=30.0),
-    ),
-    "tubulin": StructureSpec(
-        name="tubulin", input="DM1A", targets=("YOL1/34",), pixel_size_nm=45.0, modality="confocal",
-        psf_fwhm_nm=(235.0, 225.0), cell_pitch_um=60.0, contrast_fraction=0.10, percentiles=(1.0, 99.9),
-        description="MeT5A microtubules: curved filaments radiating from a centrosome next to the nucleus",
-        params=dict(_COMMON, cell_radius_um=(13.0, 17.0), count=(40, 75), tg_peak=40.0, tg_bg=0.2, tg_mod=0.1,
-                    in_peak=16.0, in_bg=9.0, in_nuc=0.5, in_mod=0.1, punct_density=0.2, punct_peak=22.0),
-    ),
-    "adhesions": StructureSpec(
-        name="adhesions", input="5H11", targets=("Y113",), pixel_size_nm=45.0, modality="confocal",
-        psf_fwhm_nm=(235.0, 225.0), cell_pitch_um=40.0, contrast_fraction=0.10, percentiles=(1.0, 99.9),
-        description="paxillin: elongated focal-adhesion plaques at the cell edge, oriented radially",
-        params=dict(_COMMON, cell_radius_um=(13.0, 17.0), count=(30, 60), tg_peak=30.0, tg_bg=0.01, tg_mod=0.1,
-                    in_peak=7.0, in_bg=1.5, in_nuc=0.7, in_mod=0.8, punct_density=0.3, punct_peak=8.0,
-                    dark=0.03, read_adu=1.5),
-    ),
+    "actin": _confocal(
+        "actin", "AC-15", "phalloidin", (230.0, 220.0), 52.0,
+        "HeLa actin: curved stress fibres and bundles, cortical ring, short meshwork filaments",
+        cell_radius_um=(11.0, 16.0), count=(10, 22), tg_peak=60.0, tg_bg=0.2, tg_mod=0.1, in_peak=15.0, in_bg=8.5,
+        in_nuc=0.4, in_mod=0.4, punct_density=0.3, punct_peak=30.0),
+    "tubulin": _confocal(
+        "tubulin", "DM1A", "YOL1/34", (235.0, 225.0), 60.0,
+        "MeT5A microtubules: curved filaments radiating from a centrosome next to the nucleus",
+        cell_radius_um=(13.0, 17.0), count=(40, 75), tg_peak=40.0, tg_bg=0.2, tg_mod=0.1, in_peak=16.0, in_bg=9.0,
+        in_nuc=0.5, in_mod=0.1, punct_density=0.2, punct_peak=22.0),
+    "adhesions": _confocal(
+        "adhesions", "5H11", "Y113", (235.0, 225.0), 40.0,
+        "paxillin: elongated focal-adhesion plaques at the cell edge, oriented radially",
+        cell_radius_um=(13.0, 17.0), count=(30, 60), tg_peak=30.0, tg_bg=0.01, tg_mod=0.1, in_peak=7.0, in_bg=1.5,
+        in_nuc=0.7, in_mod=0.8, punct_density=0.3, punct_peak=8.0, dark=0.03, read_adu=1.5),
     "caveolae": StructureSpec(
         name="caveolae", input="D1P6W", targets=("4H312",), pixel_size_nm=10.0, modality="STED",
         psf_fwhm_nm=(75.0, 70.0), cell_pitch_um=50.0, contrast_fraction=0.01, percentiles=(2.0, 99.5),

@@ -56,7 +56,6 @@ import json
 import math
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
@@ -65,6 +64,7 @@ import numpy as np
 
 from l2l_scale.config import TrainConfig, train_config
 from l2l_scale.errors import ConfigError, InputError, OutputError
+from l2l_scale.io.atomic import say as _say, write_json
 
 if TYPE_CHECKING:  # pragma: no cover
     import tensorflow as tf
@@ -84,10 +84,6 @@ _FIXED_KEYS = ("unet_n_depth", "unet_kern_size", "unet_n_first", "unet_residual"
 
 class TrainingDivergedError(ConfigError):
     """The loss became NaN or infinite; training stopped and the last good checkpoint was kept."""
-
-
-def _say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 # -------------------------------------------------------------------------------------------------- strategy
@@ -461,12 +457,6 @@ class _TensorBoard:
             self.writer = None
 
 
-def _atomic_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
-
-
 def _write_history(path: Path, history: list[dict]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     cols = ["epoch", "loss", "val_loss", "learning_rate", "seconds", "best"]
@@ -748,7 +738,7 @@ def train(patches: str | Path, model_dir: str | Path, config: TrainConfig | str 
                 np.savez(ckpt_dir / f".tmp-{new_best}", *model.get_weights())
                 os.replace(ckpt_dir / f".tmp-{new_best}", ckpt_dir / new_best)
                 best_file = new_best
-            _atomic_json(ckpt_dir / STATE_FILE, {
+            write_json(ckpt_dir / STATE_FILE, {
                 "epoch": epoch + 1, "checkpoint": ckpt, "best_weights": best_file, "history": history,
                 "best": best, "plateau": plateau, "early": early, "monitor": monitor, "config": cfg_d,
                 "patches": str(Path(patches).resolve()), "strategy": info["name"], "replicas": info["replicas"]})

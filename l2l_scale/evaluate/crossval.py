@@ -106,6 +106,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from l2l_scale.errors import ChannelError, ConfigError, InputError, OutputError
+from l2l_scale.io.atomic import say as _say, write_json
 
 __all__ = [
     "CROSSVAL_PRESETS",
@@ -161,14 +162,8 @@ CROSSVAL_PRESETS: dict[str, CrossvalPreset] = {
 _DEFAULT = {"folds": 8, "pairs": (8, 16, 32, 64), "repeats": (10, 5, 3, 2)}
 
 
-def _say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
 def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, allow_nan=False))
-    os.replace(tmp, path)
+    write_json(path, obj, indent=1, allow_nan=False)  # results must stay valid JSON for other tools
 
 
 def _finite(v: Any) -> float | None:

@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import glob
 import math
-import os
 import re
-import sys
 import threading
 import xml.etree.ElementTree as ET
 from collections import OrderedDict
@@ -44,6 +42,7 @@ import zarr
 from dask.base import tokenize
 
 from l2l_scale.errors import ChannelError, ConfigError, InputError, L2LError
+from l2l_scale.io.atomic import say as _say
 from l2l_scale.io.ome_zarr import (
     DEFAULT_CHUNK,
     DIM_ORDER,
@@ -72,10 +71,6 @@ _UM_PER_UNIT = {
 # say nothing about the physical pixel size.
 _DEFAULT_DPI = (72.0, 96.0)
 _OPEN_CACHE_SIZE = 8
-
-
-def _say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def _one_line(exc: BaseException, limit: int = 160) -> str:

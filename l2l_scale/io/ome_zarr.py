@@ -36,6 +36,7 @@ from zarr.codecs import BloscCodec, BloscShuffle
 
 from l2l_scale.errors import ChannelError, ConfigError, InputError, OutputError
 from l2l_scale.io import lock
+from l2l_scale.io.atomic import write_json
 
 SUPPORTED_VERSIONS = ("0.4", "0.5")
 WRITE_VERSION = "0.5"
@@ -794,9 +795,7 @@ def check_run(progress: Path, run: dict, output: Path, resume: bool) -> None:
             raise OutputError(f"{output}: the unfinished run used different {', '.join(changed)}; rerun with the same "
                               "options, or with --overwrite to start again")
     progress.mkdir(parents=True, exist_ok=True)
-    tmp = run_file.with_name("run.json.tmp")
-    tmp.write_text(json.dumps(_jsonable(run), indent=2))
-    os.replace(tmp, run_file)
+    write_json(run_file, _jsonable(run))
 
 
 def partial_path(path: Path) -> Path:

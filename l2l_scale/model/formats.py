@@ -30,7 +30,6 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 from l2l_scale.errors import ModelError
 

@@ -23,7 +23,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 import numpy as np
 
 from l2l_scale.errors import ChannelError, ModelError, OutputError
+from l2l_scale.io.atomic import atomic_write
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import keras
@@ -992,12 +992,12 @@ def export_model(
 
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        _atomic_write(folder / WEIGHTS_LAST, lambda p: _write_legacy_h5(last_model, p))
-        _atomic_write(folder / WEIGHTS_BEST, lambda p: _write_legacy_h5(best_model, p))
+        atomic_write(folder / WEIGHTS_LAST, lambda p: _write_legacy_h5(last_model, p))
+        atomic_write(folder / WEIGHTS_BEST, lambda p: _write_legacy_h5(best_model, p))
         meta["weights"] = {n: {"sha256": sha256_file(folder / n)} for n in (WEIGHTS_BEST, WEIGHTS_LAST)}
-        _atomic_write(folder / METADATA_FILE, lambda p: p.write_text(_dumps(meta), encoding="utf-8"))
+        atomic_write(folder / METADATA_FILE, lambda p: p.write_text(_dumps(meta), encoding="utf-8"))
         config = _csbdeep_config(spec, train)
-        _atomic_write(folder / CONFIG_FILE, lambda p: p.write_text(json.dumps(config), encoding="utf-8"))
+        atomic_write(folder / CONFIG_FILE, lambda p: p.write_text(json.dumps(config), encoding="utf-8"))
     except OSError as exc:
         raise OutputError(f"cannot write model folder {folder} ({exc}); check permissions and free space") from exc
     return folder
@@ -1067,18 +1067,6 @@ def _write_legacy_h5(model: "keras.Model", path: Path) -> None:
                 group.create_dataset(name, data=keras.ops.convert_to_numpy(w))
         top = f.create_group("top_level_model_weights")
         top.attrs["weight_names"] = []
-
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        write(tmp_path)
-        os.replace(tmp_path, path)
-    finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
 
 
 def _dumps(obj: Any) -> str:

@@ -314,14 +314,10 @@ def recommend(summary: dict) -> dict:
 
 def save_contrast(result: dict, path, *, overwrite: bool = False, inputs=()) -> "Path":
     """Write a :func:`dataset_contrast` result as JSON, atomically (refuses an existing file without overwrite)."""
-    import json
-    import os
     from pathlib import Path
 
+    from l2l_scale.io.atomic import write_json
     from l2l_scale.io.ome_zarr import check_output
 
     path = check_output(Path(path), overwrite=overwrite, inputs=inputs)
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, path)
-    return path
+    return write_json(path, result)

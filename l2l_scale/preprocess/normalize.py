@@ -38,7 +38,6 @@ The stats JSON (``l2l-scale stats --json``) is versioned by its ``"l2l_scale_sta
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -967,14 +966,12 @@ def write_stats(stats: dict, path: str | Path, *, overwrite: bool = False) -> Pa
     InputError
         ``stats`` is not a valid stats dict.
     """
+    from l2l_scale.io.atomic import write_json
     from l2l_scale.io.ome_zarr import check_output
 
     path = check_output(path, overwrite=overwrite)
     _validate(stats, "")
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(stats, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_json(path, stats)
 
 
 def _validate(stats: Any, path: str | Path) -> dict:
