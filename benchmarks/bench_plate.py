@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import resource
 import sys
@@ -42,6 +41,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's l2l_scale, not an installed one
+from _common import emit, random_care_model  # noqa: E402
 from _procmem import run_measured  # noqa: E402
 
 TARGETS = {"predict_plate_over_image": {"256x256": 1.25, "64x512": 1.10},
@@ -50,18 +50,6 @@ TARGETS = {"predict_plate_over_image": {"256x256": 1.25, "64x512": 1.10},
 FIELDS_PER_WELL = 4
 COLUMNS = 24
 CHANNEL = "AC-15"
-
-
-def _make_model(path: Path) -> Path:
-    from l2l_scale.model import ModelSpec, build_unet, export_model
-
-    spec = ModelSpec(n_dim=2, n_channel_in=1, n_channel_out=1, unet_n_depth=2, unet_kern_size=3, unet_n_first=8,
-                     unet_last_activation="linear", unet_residual=True, probabilistic=False, axes="YXC")
-    net = build_unet(spec)
-    rng = np.random.default_rng(0)
-    net.set_weights([rng.normal(0, 1 / math.sqrt(max(1, np.prod(w.shape[:-1]))), w.shape).astype(np.float32)
-                     for w in net.get_weights()])
-    return export_model(net, spec, path, metadata={"channels": {"input": [CHANNEL], "output": ["phalloidin"]}})
 
 
 def _field_keys(n: int) -> list[str]:
@@ -282,7 +270,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     model = work / "model"
     if not (model / "config.json").exists():
-        _make_model(model)
+        random_care_model(model, kern_size=3, n_first=8, channel=CHANNEL)
     report = {"machine": {"cores": os.cpu_count(), "memory_gb": round(__import__("psutil").virtual_memory().total / 1e9, 1)},
               "model": {"unet_n_depth": 2, "unet_kern_size": 3, "unet_n_first": 8, "weights": "random"},
               "targets": TARGETS}
@@ -326,10 +314,7 @@ def main() -> None:
             report["cases"][case] = res
             print(json.dumps({case: res}), file=sys.stderr, flush=True)
         report["meets_targets"] = meets
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(text)
+    emit(report, args.json)
 
 
 if __name__ == "__main__":

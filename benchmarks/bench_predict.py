@@ -46,25 +46,13 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _common import emit, random_care_model  # noqa: E402
 from _procmem import run_measured  # noqa: E402
 
 TILE = 1024
 TARGETS = {"l2l_over_raw": 0.65, "l2l_over_csbdeep": 1.2, "mem_growth_8192_over_2048": 1.3, "peak_gb_8192": 2.5,
            "l2l_bf16_over_csbdeep": 1.5, "l2l_bf16_over_raw_bf16": 0.75}
 BF16_CSBDEEP_SIZES = (4096, 8192)  # where the l2l_bf16_over_csbdeep target applies
-
-
-def _make_model(path: Path) -> Path:
-    from l2l_scale.model import ModelSpec, build_unet, export_model
-
-    spec = ModelSpec(n_dim=2, n_channel_in=1, n_channel_out=1, unet_n_depth=2, unet_kern_size=5, unet_n_first=32,
-                     unet_last_activation="linear", unet_residual=True, probabilistic=False, axes="YXC")
-    net = build_unet(spec)
-    rng = np.random.default_rng(0)
-    # Random but well-scaled weights, so activations neither vanish nor explode.
-    net.set_weights([rng.normal(0, 1 / math.sqrt(max(1, np.prod(w.shape[:-1]))), w.shape).astype(np.float32)
-                     for w in net.get_weights()])
-    return export_model(net, spec, path, metadata={"channels": {"input": ["AC-15"], "output": ["phalloidin"]}})
 
 
 def _halo_factor(model: Path, size: int) -> float:
@@ -204,7 +192,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     model = work / "model"
     if not (model / "config.json").exists():
-        _make_model(model)
+        random_care_model(model, kern_size=5, n_first=32)
     warm = work / "warm.zarr"
     if not warm.exists():
         _make_image(warm, 256)
@@ -278,10 +266,7 @@ def main() -> None:
             meets["l2l_bf16_over_csbdeep"] = min(e["l2l_bf16_over_csbdeep"] for e in big) >= \
                 TARGETS["l2l_bf16_over_csbdeep"]
     report["meets_targets"] = meets
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(text)
+    emit(report, args.json)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _common import emit  # noqa: E402
 from _procmem import run_measured  # noqa: E402
 
 TARGET_GB = 2.0
@@ -50,10 +51,7 @@ def main() -> None:
     report["largest_peak_gb"] = peaks[-1]
     report["peak_growth_largest_over_smallest"] = round(peaks[-1] / peaks[0], 3)
     report["meets_target"] = all(r["returncode"] == 0 for r in report["runs"].values()) and peaks[-1] < TARGET_GB
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(text)
+    emit(report, args.json)
 
 
 if __name__ == "__main__":
