@@ -366,9 +366,9 @@ def main(argv=None) -> int:
     result = {
         "benchmark": "training quality: l2l-scale patches+train vs CSBDeep create_patches+CARE.train",
         "quick": bool(args.quick),
-        "budget": {k: getattr(args, k) for k in ("seeds", "first_seed", "size", "train_images", "test_images", "patch_size",
-                                                "patches_per_image", "batch", "steps", "epochs", "lr", "depth",
-                                                "filters", "kernel")},
+        "budget": {k: getattr(args, k) for k in ("seeds", "first_seed", "size", "train_images", "test_images",
+                                                "patch_size", "patches_per_image", "batch", "steps", "epochs", "lr",
+                                                "depth", "filters", "kernel")},
         "structures": per,
         "meets_quality_target": bool(meets),
         "meets_step_time_target": bool(steps_ok),
