@@ -471,7 +471,7 @@ def _write_history(path: Path, history: list[dict]) -> None:
 def _prepare_dir(model_dir: Path, resume: bool, overwrite: bool, chief: bool, cfg_d: dict,
                  patches: Path) -> dict | None:
     """Check the model folder against resume/overwrite and return the saved state to resume from (or None)."""
-    from l2l_scale.model.unet import CONFIG_FILE
+    from l2l_scale.model.spec import CONFIG_FILE
 
     state_path = model_dir / CHECKPOINT_DIR / STATE_FILE
     state = json.loads(state_path.read_text()) if state_path.is_file() else None
@@ -503,7 +503,7 @@ def _prepare_dir(model_dir: Path, resume: bool, overwrite: bool, chief: bool, cf
                 raise OutputError(f"{model_dir} holds an interrupted training run (epoch {state['epoch']}); pass "
                                   "--resume to continue it or --overwrite to start again")
             raise OutputError(f"{model_dir} is not empty; choose a new folder, or pass --overwrite to train into it")
-        from l2l_scale.model.unet import METADATA_FILE, WEIGHTS_BEST, WEIGHTS_LAST
+        from l2l_scale.model.spec import METADATA_FILE, WEIGHTS_BEST, WEIGHTS_LAST
 
         for name in (CHECKPOINT_DIR, LOG_DIR):
             shutil.rmtree(model_dir / name, ignore_errors=True)
