@@ -71,7 +71,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-import dask
 import dask.array as da
 import numpy as np
 import xarray as xr
@@ -100,9 +99,9 @@ METRICS_FILE = "metrics.csv"
 MAPS_DIR = "maps"
 EVALUATION_VERSION = 1
 NORMALIZE_MODES = ("percentile", "none")
-_RAW_FITTED = ("psnr", "nrmse", "ms_ssim_5", "ms_ssim_3", "ms_ssim_1")
-#: The scale-dependent metrics again after the affine fit to the reference (:mod:`l2l_scale.evaluate.scale`).
-FIT_COLUMNS = tuple(f"{m}_fit" for m in _RAW_FITTED)
+#: The scale-dependent metrics (Table 1's) again after the affine fit to the reference
+#: (:mod:`l2l_scale.evaluate.scale`).
+FIT_COLUMNS = tuple(f"{m}_fit" for m in ("psnr", "nrmse", "ms_ssim_5", "ms_ssim_3", "ms_ssim_1"))
 METRIC_COLUMNS = ("psnr", "nrmse", "ms_ssim_5", "ms_ssim_3", "ms_ssim_1", "pcc", "tolerance_level", "michelson",
                   "rms") + FIT_COLUMNS
 CSV_COLUMNS = ("method", "role", "reference", "region", "n_patches") + METRIC_COLUMNS
@@ -398,21 +397,19 @@ def _whole_image_metrics(pairs: Sequence[tuple[da.Array, da.Array, float]]) -> l
     here lets one pass over the data serve every pair (each source chunk is read once). The tolerance level is
     a separate pass per pair (its public function).
     """
-    from l2l_scale.evaluate import metrics as m
+    from l2l_scale.evaluate.blockwise import _run
+    from l2l_scale.evaluate.metrics import TABLE1_KEYS, _table1_plans
+    from l2l_scale.evaluate.pixel import _pcc_plan, tolerance_level
 
     plans = []
     for t, p, r in pairs:
-        plans += [m._psnr_plan(t, p, r), m._nrmse_plan(t, p, "min-max")]
-        for scales in (5, 3, 1):
-            w, f = m.MS_SSIM_PRESETS[scales]
-            plans.append(m._ms_ssim_plan(t, p, w, f, 1.5, 0.01, 0.03, r, relu=True))
-        plans.append(m._pcc_plan(t, p, None))
-    values = m._run(plans) if plans else []
+        plans += _table1_plans(t, p, r) + [_pcc_plan(t, p, None)]
+    values = _run(plans) if plans else []
     out = []
     for i, (t, p, r) in enumerate(pairs):
         v = values[6 * i: 6 * i + 6]
-        row = dict(zip(("psnr", "nrmse", "ms_ssim_5", "ms_ssim_3", "ms_ssim_1", "pcc"), (float(x) for x in v)))
-        row["tolerance_level"] = float(m.tolerance_level(t, p, data_range=r).value)
+        row = dict(zip(TABLE1_KEYS + ("pcc",), (float(x) for x in v)))
+        row["tolerance_level"] = float(tolerance_level(t, p, data_range=r).value)
         out.append(row)
     return out
 
@@ -420,16 +417,13 @@ def _whole_image_metrics(pairs: Sequence[tuple[da.Array, da.Array, float]]) -> l
 def _fitted_image_metrics(pairs: Sequence[tuple[da.Array, da.Array, float]],
                           coefs: Sequence[tuple[float, float]]) -> list[dict[str, float]]:
     """PSNR, NRMSE and MS-SSIM (M=5, 3, 1) of every pair after the affine fit ``alpha * image + beta``."""
-    from l2l_scale.evaluate import metrics as m
+    from l2l_scale.evaluate.blockwise import _run
+    from l2l_scale.evaluate.metrics import _table1_plans
 
     plans = []
     for (t, p, r), (alpha, beta) in zip(pairs, coefs):
-        q = (p.astype(np.float64) * alpha + beta).astype(np.float32)
-        plans += [m._psnr_plan(t, q, r), m._nrmse_plan(t, q, "min-max")]
-        for scales in (5, 3, 1):
-            w, f = m.MS_SSIM_PRESETS[scales]
-            plans.append(m._ms_ssim_plan(t, q, w, f, 1.5, 0.01, 0.03, r, relu=True))
-    values = m._run(plans) if plans else []
+        plans += _table1_plans(t, (p.astype(np.float64) * alpha + beta).astype(np.float32), r)
+    values = _run(plans) if plans else []
     return [dict(zip(FIT_COLUMNS, (float(x) for x in values[5 * i: 5 * i + 5]))) for i in range(len(pairs))]
 
 
@@ -475,14 +469,6 @@ def _data_range(target: da.Array, mode: str, data_range: float | None) -> float:
     if data_range is not None:
         return resolve_data_range(target, data_range)
     return 1.0 if mode == "percentile" else resolve_data_range(target, None)
-
-
-def _cut(arrays: Sequence[da.Array], corners: np.ndarray, size: int) -> list[np.ndarray]:
-    """The patches at ``corners`` of every array, in one compute (shared chunks are read once)."""
-    pieces = [a[r:r + size, c:c + size] for a in arrays for r, c in corners]
-    pieces = list(dask.compute(*pieces))
-    k = len(corners)
-    return [np.stack(pieces[i * k:(i + 1) * k]) for i in range(len(arrays))]
 
 
 def _empty_row(name: str, role: str, reference: str, region: str, n: int | None) -> dict:
@@ -608,6 +594,7 @@ def evaluate(target: Any, restorations: Mapping[str, Any] | Sequence[Any], outpu
         The results folder exists (without ``overwrite``) or overlaps an input.
     """
     from l2l_scale.evaluate.metrics import contrast, foreground_patches
+    from l2l_scale.evaluate.sampling import cut_patches
     from l2l_scale.evaluate.scale import affine_coefficients_many
     from l2l_scale.preprocess.contrast import image_contrast
     from l2l_scale.preprocess.normalize import parse_percentiles
@@ -697,7 +684,7 @@ def evaluate(target: Any, restorations: Mapping[str, Any] | Sequence[Any], outpu
         raw_t = tgt.data.data
         corners = foreground_patches(raw_t, raw_t, patch_size=psize, n=n_patches, threshold=threshold,
                                      seed=seed).corners
-        cut = dict(zip([im.name for im in everything], _cut([im.norm for im in everything], corners, psize)))
+        cut = dict(zip([im.name for im in everything], cut_patches([im.norm for im in everything], corners, psize)))
         for (ref_name, name) in keys:
             patch_rows[(ref_name, name)] = _patch_metrics(cut[ref_name], cut[name], ranges[ref_name],
                                                           fits[(ref_name, name)])
