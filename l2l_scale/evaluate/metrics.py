@@ -21,7 +21,8 @@ The shape of the arguments decides:
   value per patch, shape ``(N,)``; the paper reports the mean over the non-background validation patches (see
   :func:`foreground_patches` and :func:`table1_metrics`). Channels are averaged per patch, as
   ``skimage.metrics.structural_similarity(channel_axis=-1)`` and ``tf.image.ssim_multiscale`` do. PSNR, NRMSE
-  and SSIM of a patch set are ``skimage.metrics`` called per patch (in float64).
+  and SSIM (with skimage's window for ``filter_sigma``) of a patch set are ``skimage.metrics`` called per patch
+  (in float64).
 * **Whole image**: one 2-D plane ``[Y, X]`` of any size: numpy, dask, or an ``xarray.DataArray`` with ``y``/``x``
   dims (singleton ``t``/``c``/``z`` are dropped; select one channel first). The result is one float. Dask
   inputs are reduced blockwise and never loaded whole: PSNR, NRMSE, PCC and the tolerance level as exact

@@ -87,8 +87,6 @@ def _per_patch(func: Callable, t: np.ndarray, p: np.ndarray, **kwargs: Any) -> n
         return np.array([func(ti, pi, **kwargs) for ti, pi in zip(_f64(t), _f64(p))], dtype=np.float64)
 
 
-
-
 def psnr(target: Any, pred: Any, *, data_range: float | None = None) -> float | np.ndarray:
     """Peak signal-to-noise ratio ``10 log10(data_range^2 / MSE)`` in dB.
 
