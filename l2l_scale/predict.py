@@ -37,7 +37,7 @@ import zarr
 from l2l_scale.errors import ChannelError, ConfigError, InputError
 from l2l_scale.io import journal
 from l2l_scale.io import ome_zarr as oz
-from l2l_scale.io.blockwrite import cached_array
+from l2l_scale.io.chunks import cached_array
 
 DEFAULT_PERCENTILES = (2.0, 99.8)  # csbdeep.data.PercentileNormalizer defaults
 DEFAULT_TILE = 1024

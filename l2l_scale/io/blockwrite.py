@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import threading
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -30,6 +29,7 @@ from dask import delayed
 from dask.array.chunk import coarsen
 
 from l2l_scale.io import journal
+from l2l_scale.io.chunks import cached_array
 
 RECORDS = "journal"  # folder of the completion records inside a run's progress folder
 
@@ -217,30 +217,3 @@ def finish_block(group: str, dims: Sequence[str], channel_names: Sequence[str], 
     tmp.write_text(json.dumps(doc, indent=2))
     os.replace(tmp, doc_path)  # readers never see half a document
     return 1
-
-
-_ARRAYS: dict[tuple, Any] = {}
-_ARRAYS_LOCK = threading.Lock()
-
-
-def cached_array(store: str, path: str, mode: str) -> zarr.Array:
-    """``zarr.open_array`` once per process and array: every block of a field needs the same few arrays.
-
-    Keyed by the array document's mtime and size too, so an array recreated by a later run (the same worker
-    serves many runs) is opened afresh.
-    """
-    try:
-        st = os.stat(os.path.join(store, path, "zarr.json"))
-        stamp = (st.st_mtime_ns, st.st_size)
-    except OSError:
-        return zarr.open_array(store=store, path=path, mode=mode)
-    key = (store, path, mode, stamp)
-    with _ARRAYS_LOCK:
-        arr = _ARRAYS.get(key)
-    if arr is None:
-        arr = zarr.open_array(store=store, path=path, mode=mode)
-        with _ARRAYS_LOCK:
-            if len(_ARRAYS) > 4096:
-                _ARRAYS.clear()
-            _ARRAYS[key] = arr
-    return arr
