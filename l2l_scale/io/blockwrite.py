@@ -70,6 +70,20 @@ class ImageTasks:
         self.plane_axes = [i for i, d in enumerate(dims) if d not in ("c", "y", "x")]
         self.yx = (dims.index("y"), dims.index("x"))
         self.by_level: list[dict[tuple, list]] = [{} for _ in plans]
+        self.finished_in_task = False  # see finish_in_block_task
+
+    def finish_in_block_task(self) -> tuple | None:
+        """The arguments of :func:`finish_block` for the task that writes this image's only block, or None.
+
+        An image of one pyramid level and one block (the fields of a plate of small images) is finished by its
+        block's task right after the write: a separate finishing task per field cost the scheduler more than
+        the finishing itself. The caller must then run ``finish_block(*args)`` in that task.
+        """
+        level = self.plans[0]
+        if len(self.plans) != 1 or math.prod(-(-n // c) for n, c in zip(level.shape, level.chunks)) != 1:
+            return None
+        self.finished_in_task = True
+        return self.group, self.dims, self.channel_names, self.attrs_extra
 
     def _record(self, level: int, index: Sequence[int]) -> tuple[str, str] | None:
         if self.writer.folder is None:
@@ -125,6 +139,8 @@ class ImageTasks:
         for level in range(1, len(self.plans)):
             self._pyramid_level(level)
         every = list({t.key: t for level in self.by_level for ts in level.values() for t in ts}.values())
+        if self.finished_in_task and every:
+            return every
         finish = delayed(finish_block, pure=False)(self.group, self.dims, self.channel_names, self.attrs_extra,
                                                    *every)
         return [*every, finish]
