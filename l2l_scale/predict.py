@@ -37,7 +37,8 @@ import zarr
 from l2l_scale.errors import ChannelError, ConfigError, InputError
 from l2l_scale.io import journal
 from l2l_scale.io import ome_zarr as oz
-from l2l_scale.io.blockwrite import cached_array
+from l2l_scale.io.blockwrite import finish_block
+from l2l_scale.io.chunks import cached_array
 
 DEFAULT_PERCENTILES = (2.0, 99.8)  # csbdeep.data.PercentileNormalizer defaults
 DEFAULT_TILE = 1024
@@ -148,8 +149,9 @@ def _predict_block(task: dict, plane: dict, region: tuple, record: tuple[str, st
 class _Blocks:
     """The blocks of one task, as one opaque object (dask would otherwise walk every nested tuple)."""
 
-    def __init__(self, items: list):
+    def __init__(self, items: list, finish: list | None = None):
         self.items = items
+        self.finish = finish or []  # finish_block arguments of images finished in this task
 
 
 def _predict_blocks(blocks: _Blocks, per_call: int) -> int:
@@ -194,6 +196,8 @@ def _predict_blocks(blocks: _Blocks, per_call: int) -> int:
             np.moveaxis(result, -1, 0)
         if record is not None:
             journal.record(*record)
+    for args in blocks.finish:  # after every write: it reads the image's (only) level back
+        finish_block(*args)
     return len(blocks.items)
 
 
@@ -532,7 +536,7 @@ class _SmallBlocks:
         if h > self.plan.tile or w > self.plan.tile or 4 * h * w > self.plan.tile ** 2:
             return False
         buf = self.buffers.setdefault((h, w), [])
-        buf.append((image, key, item))
+        buf.append((image, key, item, image.finish_in_block_task()))
         if len(buf) >= self.per_call(h, w):
             self._flush((h, w))
         return True
@@ -541,8 +545,9 @@ class _SmallBlocks:
         from dask import delayed
 
         buf = self.buffers.pop(shape)
-        task = delayed(_predict_blocks, pure=False)(_Blocks([item for _, _, item in buf]), self.per_call(*shape))
-        for image, key, _ in buf:
+        blocks = _Blocks([item for _, _, item, _ in buf], [fin for *_, fin in buf if fin is not None])
+        task = delayed(_predict_blocks, pure=False)(blocks, self.per_call(*shape))
+        for image, key, *_ in buf:
             image.add_task(*key, task)
 
     def ready(self, image: Any):

@@ -16,7 +16,7 @@ import xarray as xr
 
 from l2l_scale.errors import ChannelError, ConfigError, InputError, OutputError
 from l2l_scale.io import write_image, write_plate
-from l2l_scale.preprocess import normalize as norm
+from l2l_scale.preprocess import percentile_engine as norm
 from l2l_scale.preprocess.normalize import (
     dataset_stats,
     load_stats,

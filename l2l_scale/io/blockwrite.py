@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import threading
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -30,6 +29,7 @@ from dask import delayed
 from dask.array.chunk import coarsen
 
 from l2l_scale.io import journal
+from l2l_scale.io.chunks import cached_array
 
 RECORDS = "journal"  # folder of the completion records inside a run's progress folder
 
@@ -70,6 +70,20 @@ class ImageTasks:
         self.plane_axes = [i for i, d in enumerate(dims) if d not in ("c", "y", "x")]
         self.yx = (dims.index("y"), dims.index("x"))
         self.by_level: list[dict[tuple, list]] = [{} for _ in plans]
+        self.finished_in_task = False  # see finish_in_block_task
+
+    def finish_in_block_task(self) -> tuple | None:
+        """The arguments of :func:`finish_block` for the task that writes this image's only block, or None.
+
+        An image of one pyramid level and one block (the fields of a plate of small images) is finished by its
+        block's task right after the write: a separate finishing task per field cost the scheduler more than
+        the finishing itself. The caller must then run ``finish_block(*args)`` in that task.
+        """
+        level = self.plans[0]
+        if len(self.plans) != 1 or math.prod(-(-n // c) for n, c in zip(level.shape, level.chunks)) != 1:
+            return None
+        self.finished_in_task = True
+        return self.group, self.dims, self.channel_names, self.attrs_extra
 
     def _record(self, level: int, index: Sequence[int]) -> tuple[str, str] | None:
         if self.writer.folder is None:
@@ -125,6 +139,8 @@ class ImageTasks:
         for level in range(1, len(self.plans)):
             self._pyramid_level(level)
         every = list({t.key: t for level in self.by_level for ts in level.values() for t in ts}.values())
+        if self.finished_in_task and every:
+            return every
         finish = delayed(finish_block, pure=False)(self.group, self.dims, self.channel_names, self.attrs_extra,
                                                    *every)
         return [*every, finish]
@@ -217,30 +233,3 @@ def finish_block(group: str, dims: Sequence[str], channel_names: Sequence[str], 
     tmp.write_text(json.dumps(doc, indent=2))
     os.replace(tmp, doc_path)  # readers never see half a document
     return 1
-
-
-_ARRAYS: dict[tuple, Any] = {}
-_ARRAYS_LOCK = threading.Lock()
-
-
-def cached_array(store: str, path: str, mode: str) -> zarr.Array:
-    """``zarr.open_array`` once per process and array: every block of a field needs the same few arrays.
-
-    Keyed by the array document's mtime and size too, so an array recreated by a later run (the same worker
-    serves many runs) is opened afresh.
-    """
-    try:
-        st = os.stat(os.path.join(store, path, "zarr.json"))
-        stamp = (st.st_mtime_ns, st.st_size)
-    except OSError:
-        return zarr.open_array(store=store, path=path, mode=mode)
-    key = (store, path, mode, stamp)
-    with _ARRAYS_LOCK:
-        arr = _ARRAYS.get(key)
-    if arr is None:
-        arr = zarr.open_array(store=store, path=path, mode=mode)
-        with _ARRAYS_LOCK:
-            if len(_ARRAYS) > 4096:
-                _ARRAYS.clear()
-            _ARRAYS[key] = arr
-    return arr
