@@ -31,6 +31,8 @@ calibration notes in :mod:`l2l_scale.synthetic`.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 from scipy import ndimage
 
@@ -312,10 +314,8 @@ def recommend(summary: dict) -> dict:
     return {"input": low, "target": high, "reason": reason}
 
 
-def save_contrast(result: dict, path, *, overwrite: bool = False, inputs=()) -> "Path":
+def save_contrast(result: dict, path, *, overwrite: bool = False, inputs=()) -> Path:
     """Write a :func:`dataset_contrast` result as JSON, atomically (refuses an existing file without overwrite)."""
-    from pathlib import Path
-
     from l2l_scale.io.atomic import write_json
     from l2l_scale.io.ome_zarr import check_output
 
