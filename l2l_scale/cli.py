@@ -110,7 +110,8 @@ def _cluster(args: argparse.Namespace, *, model_step: bool = False, inputs: Sequ
              output: str | None = None):
     """Check the paths first (so a typo fails in a second, not after a cluster start), then open the client."""
     from l2l_scale.cluster import config_from_options, dask_client
-    from l2l_scale.io.ome_zarr import check_output, require_exists
+    from l2l_scale.io.output import check_output
+    from l2l_scale.io.read import require_exists
 
     for path in inputs:
         require_exists(path)
@@ -141,7 +142,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from l2l_scale.io.ome_zarr import read_info
+    from l2l_scale.io.read import read_info
     from l2l_scale.io.info import format_info
 
     info = read_info(args.path)
@@ -199,7 +200,7 @@ def _cmd_contrast(args: argparse.Namespace) -> int:
 
     pct = _floats(args.percentiles, 2, "--percentiles")
     if args.json:  # refuse an existing JSON before computing
-        from l2l_scale.io.ome_zarr import check_output
+        from l2l_scale.io.output import check_output
 
         check_output(args.json, overwrite=args.overwrite, inputs=[args.input])
     with _cluster(args, inputs=[args.input]):
@@ -674,7 +675,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # TensorFlow's C++ start-up chatter and tifffile's per-page warnings are noise next to our one-line errors.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     logging.getLogger("tifffile").setLevel(logging.CRITICAL)
-    from l2l_scale.io.ome_zarr import set_command_line
+    from l2l_scale.io.prov import set_command_line
 
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()

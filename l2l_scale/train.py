@@ -783,7 +783,7 @@ def train(patches: str | Path, model_dir: str | Path, config: TrainConfig | str 
 
 def _metadata(store, cfg: TrainConfig, loss_spec, info: dict, history: list, best: dict, stopped_early: bool,
               patches: Path) -> dict:
-    from l2l_scale.io.ome_zarr import provenance
+    from l2l_scale.io.prov import provenance
 
     norm = store.meta.get("normalization") or {}
     return {

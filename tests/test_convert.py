@@ -16,7 +16,7 @@ import tifffile.zarr
 from l2l_scale.errors import ChannelError, ConfigError, InputError, OutputError
 from l2l_scale.io import convert as conv
 from l2l_scale.io.convert import convert, expand_inputs, read_tiff
-from l2l_scale.io.ome_zarr import list_fields, list_images, open_image, read_info
+from l2l_scale.io.read import list_fields, list_images, open_image, read_info
 
 
 def _ramp(shape, dtype=np.uint16, seed=0):

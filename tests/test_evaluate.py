@@ -14,7 +14,8 @@ from l2l_scale.cli import main
 from l2l_scale.errors import ChannelError, ConfigError, InputError, OutputError
 from l2l_scale.evaluate import metrics as M
 from l2l_scale.evaluate.evaluate import CSV_COLUMNS, ImageSpec, evaluate, parse_method, rms_map, ssim_map
-from l2l_scale.io.ome_zarr import open_image, write_image
+from l2l_scale.io.read import open_image
+from l2l_scale.io.write import write_image
 from l2l_scale.preprocess.normalize import normalize, percentiles
 
 pytestmark = pytest.mark.timeout(300)

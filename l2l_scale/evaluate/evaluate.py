@@ -77,7 +77,10 @@ import numpy as np
 import xarray as xr
 
 from l2l_scale.errors import ChannelError, ConfigError, InputError
-from l2l_scale.io import ome_zarr as oz
+from l2l_scale.io.output import atomic_output, check_output
+from l2l_scale.io.prov import provenance
+from l2l_scale.io.read import open_image, select_channels
+from l2l_scale.io.write import write_image
 
 __all__ = [
     "CSV_COLUMNS",
@@ -241,7 +244,7 @@ def load_image(spec: "str | Path | ImageSpec | tuple", *, what: str = "image") -
         No channel given for a multi-channel image, or an unknown channel.
     """
     spec = ImageSpec.parse(spec)
-    img = oz.open_image(spec.path)
+    img = open_image(spec.path)
     channel = None
     if "c" in img.dims:
         names = [str(c) for c in img.coords["c"].values]
@@ -251,7 +254,7 @@ def load_image(spec: "str | Path | ImageSpec | tuple", *, what: str = "image") -
             img = img.isel(c=0)
         else:
             try:
-                img = oz.select_channels(img, [spec.channel]).isel(c=0)
+                img = select_channels(img, [spec.channel]).isel(c=0)
             except ChannelError as exc:
                 raise ChannelError(f"{what} {spec.path}: {exc}") from None
         channel = str(img.coords["c"].values)
@@ -665,7 +668,7 @@ def evaluate(target: Any, restorations: Mapping[str, Any] | Sequence[Any], outpu
                          "'l2l-scale crossval'")
     output_dir = Path(output_dir)
     inputs = sorted({str(im.spec.path) for im in everything})
-    oz.check_output(output_dir, overwrite=overwrite, inputs=inputs)
+    check_output(output_dir, overwrite=overwrite, inputs=inputs)
 
     _normalise(everything, mode, q, float(smooth))
     references = [tgt] + ([tru] if tru else [])
@@ -734,9 +737,9 @@ def evaluate(target: Any, restorations: Mapping[str, Any] | Sequence[Any], outpu
                                                     "halo": _radius(rms_sigma, 4.0)},
                  "ssim": {"sigma": 1.5, "truncate": 3.5, "halo": _radius(1.5, 3.5), "k1": 0.01, "k2": 0.03}},
     }
-    prov = oz.provenance(parameters, [str(im.spec) for im in everything])
+    prov = provenance(parameters, [str(im.spec) for im in everything])
     maps: dict[str, dict] = {}
-    with oz.atomic_output(output_dir, overwrite=overwrite, inputs=inputs) as tmp:
+    with atomic_output(output_dir, overwrite=overwrite, inputs=inputs) as tmp:
         if rest:
             (tmp / MAPS_DIR).mkdir()
         for im in rest:
@@ -747,14 +750,14 @@ def evaluate(target: Any, restorations: Mapping[str, Any] | Sequence[Any], outpu
                                coords={"c": ["rms", "ssim"], "y": tgt.data.coords["y"].values,
                                        "x": tgt.data.coords["x"].values})
             rel = f"{MAPS_DIR}/{im.name}.zarr"
-            map_prov = oz.provenance(parameters["maps"], [str(map_ref.spec), str(im.spec)],
-                                     maps={"reference": map_ref.name, "method": im.name,
-                                           "channels": {"rms": "local RMS difference, normalised units",
-                                                        "ssim": "local SSIM"},
-                                           "normalize": mode, "percentiles": list(q)})
-            oz.write_image(arr, tmp / rel, pixel_size={"y": _pixel_size(tgt.data)[0], "x": _pixel_size(tgt.data)[1]},
-                           chunks=chunks, provenance=map_prov, name=f"{im.name}-maps",
-                           label=f"difference maps {im.name}")
+            map_prov = provenance(parameters["maps"], [str(map_ref.spec), str(im.spec)],
+                                  maps={"reference": map_ref.name, "method": im.name,
+                                        "channels": {"rms": "local RMS difference, normalised units",
+                                                     "ssim": "local SSIM"},
+                                        "normalize": mode, "percentiles": list(q)})
+            write_image(arr, tmp / rel, pixel_size={"y": _pixel_size(tgt.data)[0], "x": _pixel_size(tgt.data)[1]},
+                        chunks=chunks, provenance=map_prov, name=f"{im.name}-maps",
+                        label=f"difference maps {im.name}")
             maps[im.name] = {"path": rel, "channels": ["rms", "ssim"], "reference": map_ref.name}
         _write_csv(rows, tmp / METRICS_FILE)
         result = {

@@ -384,7 +384,7 @@ def _fig_maps(ev: dict, results_dir: Path, box: tuple[int, int, int, int]) -> tu
     """Per method: the whole RMS map (coarsest level), its crop, and the SSIM crop. Returns (uri, provs, missing)."""
     from matplotlib.patches import Rectangle
 
-    from l2l_scale.io.ome_zarr import open_image
+    from l2l_scale.io.read import open_image
 
     y0, x0, h, w = box
     rows, provs, missing = [], [], []
@@ -655,7 +655,7 @@ def report(results_dir: str | Path, out: str | Path | None = None, *, crop_size:
     OutputError
         The report exists (without ``overwrite``) or cannot be written.
     """
-    from l2l_scale.io.ome_zarr import check_output
+    from l2l_scale.io.output import check_output
 
     results = load_results(results_dir)
     out = Path(out) if out is not None else Path(results_dir) / REPORT_FILE

@@ -4,7 +4,7 @@
 (always with a ``c`` dim), coords in micrometres and the channel names as the ``c`` coord. Only metadata is
 read; pixel data are read chunk by chunk when the graph runs. :func:`convert` turns one TIFF into one image,
 several into a folder of images, or (with a file-name pattern) into an HCS plate, through the data layer
-(:mod:`l2l_scale.io.ome_zarr`), so the output is written to a temporary sibling path and renamed at the end.
+(:mod:`l2l_scale.io.write`), so the output is written to a temporary sibling path and renamed at the end.
 
 How pixels are read
 -------------------
@@ -43,15 +43,10 @@ from dask.base import tokenize
 
 from l2l_scale.errors import ChannelError, ConfigError, InputError, L2LError
 from l2l_scale.io.atomic import say as _say
-from l2l_scale.io.ome_zarr import (
-    DEFAULT_CHUNK,
-    DIM_ORDER,
-    atomic_output,
-    check_output,
-    provenance,
-    write_image,
-    write_plate,
-)
+from l2l_scale.io.output import atomic_output, check_output
+from l2l_scale.io.prov import provenance
+from l2l_scale.io.read import DIM_ORDER
+from l2l_scale.io.write import DEFAULT_CHUNK, write_image, write_plate
 
 __all__ = ["read_tiff", "convert", "expand_inputs", "TIFF_SUFFIXES"]
 

@@ -532,10 +532,10 @@ def write_dataset(kind: str, items: Sequence[tuple[str, xr.DataArray, Mapping[st
     Parameters
     ----------
     kind : {"image", "plate", "well", "folder"}
-        The input's :func:`~l2l_scale.io.ome_zarr.dataset_kind`. A plate is written as a plate with the same
+        The input's :func:`~l2l_scale.io.read.dataset_kind`. A plate is written as a plate with the same
         row/column/field layout, a folder (or well) as a folder of ``<key>.zarr`` images.
     items : sequence of (key, image, provenance)
-        ``key`` as in :func:`~l2l_scale.io.ome_zarr.list_images`; each image gets its own provenance (e.g. its
+        ``key`` as in :func:`~l2l_scale.io.read.list_images`; each image gets its own provenance (e.g. its
         own registration shifts).
     output : path
         Written atomically: it appears only when every image is complete.
@@ -544,42 +544,43 @@ def write_dataset(kind: str, items: Sequence[tuple[str, xr.DataArray, Mapping[st
     resume : bool
         Finish an interrupted run with the same options: only blocks without a completion record are written.
     chunks : int or mapping, optional
-        y/x chunk size, see :func:`~l2l_scale.io.ome_zarr.write_image`.
+        y/x chunk size, see :func:`~l2l_scale.io.write.write_image`.
     """
     import zarr
 
     from l2l_scale.cluster import compute_waves
-    from l2l_scale.io import ome_zarr as oz
+    from l2l_scale.io.output import PROGRESS_DIR, atomic_output, check_run
+    from l2l_scale.io.write import image_write_tasks, split_field_key, write_plate_layout
     from l2l_scale.io.blockwrite import BlockWriter
 
     output = Path(output)
     # What the images are made of; when and by which command line they were made may differ on resume.
     run = {key: {k: v for k, v in prov.items() if k not in ("created", "command")} for key, _, prov in items}
-    with oz.atomic_output(output, overwrite=overwrite, resume=resume, inputs=inputs) as tmp:
-        progress = tmp / oz.PROGRESS_DIR
+    with atomic_output(output, overwrite=overwrite, resume=resume, inputs=inputs) as tmp:
+        progress = tmp / PROGRESS_DIR
         if resume:
-            oz.check_run(progress, {"images": run}, output, resume)
+            check_run(progress, {"images": run}, output, resume)
         if kind == "plate":
             layout: dict[tuple[str, str], list[str]] = {}
             for key, _, _ in items:
-                r, c, f = oz.split_field_key(key)
+                r, c, f = split_field_key(key)
                 layout.setdefault((r, c), []).append(f)
             root = zarr.open_group(str(tmp), mode="a", zarr_format=3)
-            oz.write_plate_layout(root, {rc: sorted(f, key=int) for rc, f in layout.items()},
-                                  name=output.name.removesuffix(".zarr"),
-                                  attrs_extra={"l2l_scale": dict(root_provenance)} if root_provenance else None)
+            write_plate_layout(root, {rc: sorted(f, key=int) for rc, f in layout.items()},
+                               name=output.name.removesuffix(".zarr"),
+                               attrs_extra={"l2l_scale": dict(root_provenance)} if root_provenance else None)
 
         def units():
             for key, img, prov in items:
                 if kind == "image":
                     dest, name = tmp, output.name.removesuffix(".zarr")
                 elif kind == "plate":
-                    r, c, f = oz.split_field_key(key)
+                    r, c, f = split_field_key(key)
                     dest, name = tmp / r / c / f, f"{r}{c}-{f}"
                 else:
                     dest, name = tmp / f"{key}.zarr", key
-                yield oz.image_write_tasks(dest, img, writer, unit=key, chunks=chunks, name=name, resume=resume,
-                                           attrs_extra={"l2l_scale": dict(prov)} if prov else None)
+                yield image_write_tasks(dest, img, writer, unit=key, chunks=chunks, name=name, resume=resume,
+                                        attrs_extra={"l2l_scale": dict(prov)} if prov else None)
 
         writer = BlockWriter(progress if resume else None)
         compute_waves(units(), label, n_units=len(items), unit_name="fields" if kind == "plate" else "images")
@@ -603,7 +604,7 @@ def _plane_image(img: xr.DataArray, path: Any) -> xr.DataArray:
 
 def _coarse_level(path: Path) -> int | None:
     """Index of the finest pyramid level with both sides <= COARSE_MAX (None: the image has no such level)."""
-    from l2l_scale.io.ome_zarr import open_image
+    from l2l_scale.io.read import open_image
 
     img0 = open_image(path)
     for level in range(int(img0.attrs["n_levels"])):
@@ -665,7 +666,9 @@ def register(input: str | Path, output: str | Path, *, reference: str, moving: S
         ``{field key: {"reference", "method", "order", "shifts": {channel: [dy, dx]}, "estimates": {...},
         "crop": {"y": [start, stop], "x": [...]}}}`` (key ``""`` for a single image).
     """
-    from l2l_scale.io import ome_zarr as oz
+    from l2l_scale.io.output import check_output
+    from l2l_scale.io.prov import provenance
+    from l2l_scale.io.read import dataset_kind, list_images, open_image, select_channels
 
     input, output = Path(input), Path(output)
     moving = [str(m) for m in moving]
@@ -677,13 +680,13 @@ def register(input: str | Path, output: str | Path, *, reference: str, moving: S
         raise ConfigError(f"channel {reference!r} is both the reference and a moving channel; drop it from --moving")
     shift_halo((0.0, 0.0), order)  # validates the order
     inputs = [input] + ([Path(moving_image)] if moving_image is not None else [])
-    kind = oz.dataset_kind(input)
-    refs = oz.list_images(input)
-    oz.check_output(output, overwrite=overwrite, inputs=inputs)  # fail before any computation
+    kind = dataset_kind(input)
+    refs = list_images(input)
+    check_output(output, overwrite=overwrite, inputs=inputs)  # fail before any computation
     mrefs = None
     if moving_image is not None:
-        mkind = oz.dataset_kind(moving_image)
-        mlist = oz.list_images(moving_image)
+        mkind = dataset_kind(moving_image)
+        mlist = list_images(moving_image)
         mrefs = {r.key: r for r in mlist}
         if mkind != kind or set(mrefs) != {r.key for r in refs}:
             raise InputError(f"{moving_image}: its layout ({mkind}, {len(mlist)} images) does not match {input} "
@@ -694,23 +697,23 @@ def register(input: str | Path, output: str | Path, *, reference: str, moving: S
     results: dict[str, dict] = {}
     items = []
     for ref in refs:
-        img = _plane_image(oz.open_image(ref.path), ref.path)
+        img = _plane_image(open_image(ref.path), ref.path)
         names = [str(c) for c in img.coords["c"].values]
-        oz.select_channels(img, [reference])
+        select_channels(img, [reference])
         level = _coarse_level(ref.path)
         if mrefs is None:
             mov_img, mpath, mlevel = img, ref.path, level
-            oz.select_channels(img, moving)
+            select_channels(img, moving)
         else:
             mpath = mrefs[ref.key].path
-            mov_img = _plane_image(oz.open_image(mpath), mpath)
+            mov_img = _plane_image(open_image(mpath), mpath)
             _same_geometry(img, mov_img, ref.path, mpath)
-            oz.select_channels(mov_img, moving)
+            select_channels(mov_img, moving)
             mlevel = _coarse_level(mpath)
         ref_c = mov_c = None
         if level is not None and level == mlevel:
-            ref_c = _plane_image(oz.open_image(ref.path, level), ref.path).sel(c=reference)
-            mov_c = _plane_image(oz.open_image(mpath, level), mpath)
+            ref_c = _plane_image(open_image(ref.path, level), ref.path).sel(c=reference)
+            mov_c = _plane_image(open_image(mpath, level), mpath)
         field_seed = [int(seed), zlib.crc32(ref.key.encode())]
         estimates = {}
         for ch in moving:
@@ -754,11 +757,11 @@ def register(input: str | Path, output: str | Path, *, reference: str, moving: S
         if mrefs is not None:
             info["moving_image"] = str(mpath)
         results[ref.key] = info
-        prov = oz.provenance(params, [str(ref.path)] + ([str(mpath)] if mrefs is not None else []),
-                             registration=info)
+        prov = provenance(params, [str(ref.path)] + ([str(mpath)] if mrefs is not None else []),
+                          registration=info)
         items.append((ref.key, out, prov))
-    chunk = chunks or _yx_chunk(oz.open_image(refs[0].path))
-    root = oz.provenance(params, [str(p) for p in inputs], registration={"fields": results}) if kind == "plate" else None
+    chunk = chunks or _yx_chunk(open_image(refs[0].path))
+    root = provenance(params, [str(p) for p in inputs], registration={"fields": results}) if kind == "plate" else None
     write_dataset(kind, items, output, root_provenance=root, overwrite=overwrite, resume=resume, inputs=inputs,
                   chunks=chunk, label="registering")
     return results
