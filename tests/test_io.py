@@ -65,6 +65,36 @@ def test_roundtrip_keeps_data_and_metadata(tmp_path):
     assert nodes[0].metadata["channel_names"] == ["AC-15", "phalloidin"]
 
 
+def test_metadata_equals_what_ome_zarr_writer_writes(tmp_path):
+    """write.py builds the multiscales and plate blocks itself (see its comments); they must stay ome-zarr-py's."""
+    from ome_zarr.format import FormatV05
+    from ome_zarr.writer import write_multiscales_metadata, write_plate_metadata
+
+    arr, _ = _image()
+    out = write_image(arr, tmp_path / "img.zarr", chunks=64, top_max=100)
+    ours = dict(zarr.open_group(str(out), mode="r").attrs["ome"])
+    px = 0.05
+    datasets = []
+    for i in range(3):  # 300x260 halved until <= 100; a 2^i mean is centred (2^i - 1)/2 fine pixels in
+        transforms = [{"type": "scale", "scale": [1.0, px * 2**i, px * 2**i]}]
+        if i:
+            transforms.append({"type": "translation", "translation": [0.0, px * (2**i - 1) / 2, px * (2**i - 1) / 2]})
+        datasets.append({"path": str(i), "coordinateTransformations": transforms})
+    ref = zarr.open_group(str(tmp_path / "ref.zarr"), mode="w", zarr_format=3)
+    write_multiscales_metadata(ref, datasets, fmt=FormatV05(), axes=["c", "y", "x"],
+                               axes_units={"y": "micrometer", "x": "micrometer"}, name="img",
+                               metadata={"omero": ours["omero"]})
+    assert ours == dict(ref.attrs["ome"])
+
+    plate = write_plate({"A/1/0": arr, "A/1/1": arr, "B/3/0": arr}, tmp_path / "plate.zarr", chunks=128)
+    ours = dict(zarr.open_group(str(plate), mode="r").attrs["ome"])
+    ref = zarr.open_group(str(tmp_path / "refplate.zarr"), mode="w", zarr_format=3)
+    write_plate_metadata(ref, ["A", "B"], ["1", "3"], ["A/1", "B/3"], fmt=FormatV05(), field_count=2, name="plate")
+    theirs = dict(ref.attrs["ome"])
+    assert theirs["plate"].pop("version") == "0.5"  # the one difference, see write_plate_layout
+    assert ours == theirs
+
+
 def test_pyramid_is_2x_mean_until_1024(tmp_path):
     data = np.arange(2200 * 1100, dtype=np.float32).reshape(1, 2200, 1100) % 997
     out = write_image(xr.DataArray(data, dims=("c", "y", "x"), attrs={"pixel_size": 0.1}), tmp_path / "p.zarr",
