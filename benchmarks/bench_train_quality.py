@@ -27,7 +27,7 @@ truth of the first l2l-scale model and a Gaussian filter (sigma 2, the paper's a
 
 Usage::
 
-    python benchmarks/bench_train_quality.py [--quick] [--json OUT] [--seeds 3] [--keep DIR]
+    python benchmarks/bench_train_quality.py [--quick] [--json OUT] [--seeds 3] [--first-seed 0] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -280,7 +280,7 @@ def run_structure(structure: str, base: Path, args) -> dict:
     results: dict[str, list[dict]] = {a: [] for a in arms}
     diverged: dict[str, list[int]] = {a: [] for a in arms}
     scale_check = None
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         for arm in arms:
             out = base / f"{arm}-{seed}"
             out.mkdir(parents=True, exist_ok=True)
@@ -297,7 +297,7 @@ def run_structure(structure: str, base: Path, args) -> dict:
                 continue
             model_dir = r.pop("model")
             r.update(_evaluate(model_dir, d))
-            if arm == "l2l" and seed == 0 and len(d["targets"]) == 1:
+            if arm == "l2l" and seed == args.first_seed and len(d["targets"]) == 1:
                 scale_check = _scale_check(model_dir, d)
             r["seed"] = seed
             results[arm].append(r)
@@ -331,6 +331,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="actin only (3 seeds)")
     ap.add_argument("--structures", nargs="+", default=list(STRUCTURES), choices=STRUCTURES)
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--first-seed", type=int, default=0,
+                    help="seeds run are first-seed .. first-seed+seeds-1 (more seeds for the same structures)")
     ap.add_argument("--size", type=int, default=512, help="side of every simulated image")
     ap.add_argument("--train-images", type=int, default=2)
     ap.add_argument("--test-images", type=int, default=2)
@@ -364,9 +366,9 @@ def main(argv=None) -> int:
     result = {
         "benchmark": "training quality: l2l-scale patches+train vs CSBDeep create_patches+CARE.train",
         "quick": bool(args.quick),
-        "budget": {k: getattr(args, k) for k in ("seeds", "size", "train_images", "test_images", "patch_size",
-                                                "patches_per_image", "batch", "steps", "epochs", "lr", "depth",
-                                                "filters", "kernel")},
+        "budget": {k: getattr(args, k) for k in ("seeds", "first_seed", "size", "train_images", "test_images",
+                                                "patch_size", "patches_per_image", "batch", "steps", "epochs", "lr",
+                                                "depth", "filters", "kernel")},
         "structures": per,
         "meets_quality_target": bool(meets),
         "meets_step_time_target": bool(steps_ok),

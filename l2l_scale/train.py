@@ -18,29 +18,11 @@ APIs and behaves the same under every strategy: the per-sample loss is summed on
 global batch, Keras' optimiser all-reduces (sums) the gradients, so the update equals a single device's on the
 same global batch.
 
-Input pipeline
---------------
-:func:`patch_dataset` reads the zarr store chunk by chunk (each chunk holds a few hundred patches): the list of
-chunks is shuffled every pass, each chunk's patches are permuted, ``interleave`` reads several chunks in parallel
-and alternates their patches, windows of a few chunks' patches are permuted again, then batches are formed and
-prefetched. Every shuffle is stateless, keyed by the seed (so a seed can be a tensor). The store is written
-in a globally shuffled order (:mod:`l2l_scale.patches`), so every chunk already mixes many images. Only a few
-chunks are in memory at a time. For several workers the chunk list is sharded by worker. Training reads all its
-epochs through one iterator (epoch ``e`` seeded by ``seed + 1000 e``): a new iterator per epoch cost ~0.8 s per
-epoch on 2 CPU cores, a third of a step's time at 25 steps per epoch. Each epoch's validation pass covers every
-validation patch once on one device (whole batches per replica under a strategy), and the validation loss is
-the mean over those patches, as Keras' ``fit`` computes it for CSBDeep.
-
-Checkpoints and resuming
-------------------------
-After every epoch the chief writes ``MODEL_DIR/checkpoints/epoch-NNNN.weights.h5`` (a Keras weights file holding
-the network *and* the optimiser state: Adam moments, iteration count, learning rate), ``best-NNNN.npz`` when the
-monitored loss improved, and then ``state.json`` (epoch, history, best epoch, ReduceLROnPlateau and early-stopping
-counters), which is the commit point. ``resume=True`` rebuilds the network, loads the last checkpoint and
-continues with the next epoch. Every epoch draws its batches from a stream seeded by (seed, epoch), so a resumed
-run sees the batches an uninterrupted run would have, and on one device its weights come out bit-identical
-(``tests/test_train.py``). For multi-worker
-training ``MODEL_DIR`` must be on a file system that every worker can read.
+:func:`patch_dataset` (:mod:`l2l_scale.train_input`) reads the patch store chunk by chunk; the training folder
+(checkpoints, ``state.json``, history, the exported model) is written by :mod:`l2l_scale.train_folder`. After every
+epoch the chief commits a checkpoint with the optimiser state, so ``resume=True`` continues where a run stopped,
+bit-identically on one device. For multi-worker training ``MODEL_DIR`` must be on a file system that every worker
+can read.
 
 Progress: one log line per epoch, ``MODEL_DIR/logs/history.csv``, and TensorBoard scalars in
 ``MODEL_DIR/logs/tensorboard`` when the ``tensorboard`` package is installed.
@@ -51,35 +33,30 @@ A NaN or infinite loss stops training at once; the last good checkpoint stays in
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
-import shutil
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
-
-import numpy as np
+from typing import Any, Callable, Sequence
 
 from l2l_scale.config import TrainConfig, train_config
-from l2l_scale.errors import ConfigError, InputError, OutputError
-from l2l_scale.io.atomic import say as _say, write_json
-
-if TYPE_CHECKING:  # pragma: no cover
-    import tensorflow as tf
-
-    from l2l_scale.patches import PatchStore
+from l2l_scale.errors import ConfigError, InputError
+from l2l_scale.io.atomic import say as _say
+from l2l_scale.train_folder import (
+    CHECKPOINT_DIR,
+    HISTORY_FILE,
+    LOG_DIR,
+    _commit_epoch,
+    _export,
+    _metadata,
+    _prepare_dir,
+    _TensorBoard,
+    _write_history,
+)
+from l2l_scale.train_input import _distributed, _one_device, patch_dataset
 
 __all__ = ["TrainingDivergedError", "patch_dataset", "select_strategy", "train"]
-
-CHECKPOINT_DIR = "checkpoints"
-LOG_DIR = "logs"
-STATE_FILE = "state.json"
-HISTORY_FILE = "history.csv"
-# Keys that fix what the weights mean: a resumed run must keep them.
-_FIXED_KEYS = ("unet_n_depth", "unet_kern_size", "unet_n_first", "unet_residual", "unet_last_activation", "loss",
-               "ssim_weights", "ssim_filter_size", "ssim_filter_sigma", "ssim_max_val")
 
 
 class TrainingDivergedError(ConfigError):
@@ -163,217 +140,7 @@ def select_strategy(name: str = "auto") -> tuple[Any, dict]:
                       "workers": workers, "chief": chief, "devices": devices}
 
 
-# ---------------------------------------------------------------------------------------------- input pipeline
-
-
-def _chunk_ranges(start: int, stop: int, chunk: int) -> np.ndarray:
-    """``[(a, b), ...]`` row ranges of the store chunks that intersect ``[start, stop)``, clipped to it."""
-    if stop <= start:
-        return np.zeros((0, 2), np.int64)
-    first = (start // chunk) * chunk
-    edges = list(range(first, stop, chunk))
-    return np.array([(max(a, start), min(a + chunk, stop)) for a in edges], dtype=np.int64)
-
-
-class _ChunkReader:
-    """Reads row ranges of X and Y; opened lazily once per process (tf.data calls it from its threads)."""
-
-    def __init__(self, path: str):
-        self.path = path
-        self._arrays = None
-
-    def __call__(self, rows: np.ndarray):
-        if self._arrays is None:
-            import zarr
-
-            root = zarr.open_group(self.path, mode="r")
-            self._arrays = (root["X"], root["Y"])
-        a, b = int(rows[0]), int(rows[1])
-        X, Y = self._arrays
-        return np.asarray(X[a:b], np.float32), np.asarray(Y[a:b], np.float32)
-
-
-def patch_dataset(store: "PatchStore | str | Path", split: str = "train", *, batch_size: int = 16,
-                  shuffle: bool = True, repeat: bool = True, seed: int = 0, num_shards: int = 1, shard_index: int = 0,
-                  shuffle_buffer: int | None = None, cycle_length: int | None = None,
-                  deterministic: bool = True, drop_remainder: bool = True) -> "tf.data.Dataset":
-    """A ``tf.data`` pipeline over one split of a patch store, read chunk by chunk.
-
-    Parameters
-    ----------
-    store : PatchStore or path
-    split : {"train", "validation"}
-        Training rows ``[0, n_train)`` or validation rows ``[n_train, N)``.
-    batch_size : int
-        Batch size of the yielded batches (``drop_remainder=True``).
-    shuffle : bool
-        Shuffle the chunk order every pass and mix patches in a shuffle buffer.
-    repeat : bool
-        Repeat forever (training uses a fixed number of steps per epoch).
-    seed : int
-        Seed of both shuffles.
-    num_shards, shard_index : int
-        This worker's share: the chunk list is sharded (or, with fewer chunks than shards, the patches).
-    shuffle_buffer : int, optional
-        Patches in the shuffle buffer (default: two chunks).
-    cycle_length : int, optional
-        Chunks read concurrently (default: 4).
-    deterministic : bool
-        Keep the element order independent of thread timing (reproducible runs).
-    drop_remainder : bool
-        Drop a last batch smaller than ``batch_size`` (``False`` to see every patch of a single pass).
-
-    Returns
-    -------
-    tf.data.Dataset
-        Elements ``(x, y)`` of shapes ``[batch, P, P, C_in]`` and ``[batch, P, P, C_out]``, float32.
-
-    Raises
-    ------
-    InputError
-        The split holds no patches.
-    """
-    ds = _pipeline(_open_split(store, split), split, batch_size=batch_size, shuffle=shuffle, repeat=repeat,
-                   seed=seed, num_shards=num_shards, shard_index=shard_index, shuffle_buffer=shuffle_buffer,
-                   cycle_length=cycle_length, deterministic=deterministic, drop_remainder=drop_remainder)
-    return _finish(ds, deterministic)
-
-
-def _open_split(store, split: str):
-    from l2l_scale.patches import PatchStore, open_patches
-
-    if not isinstance(store, PatchStore):
-        store = open_patches(store)
-    if split not in ("train", "validation"):
-        raise ConfigError(f"split {split!r} is not 'train' or 'validation'")
-    start, stop = (0, store.n_train) if split == "train" else (store.n_train, store.n_patches)
-    if stop <= start:
-        raise InputError(f"patch store {store.path} holds no {split} patches; recreate it with 'l2l-scale patches'")
-    return store
-
-
-def _pipeline(store, split: str, *, batch_size: int, shuffle: bool, repeat: bool, seed: Any, num_shards: int,
-              shard_index: int, shuffle_buffer: int | None, cycle_length: int | None, deterministic: bool,
-              drop_remainder: bool) -> "tf.data.Dataset":
-    """:func:`patch_dataset` without prefetch and options.
-
-    Every random choice is a stateless shuffle keyed by ``seed`` (an int, or a tensor inside ``flat_map``: tf.data's
-    own ``shuffle`` only takes Python seeds): the chunk order of each pass by ``(seed, pass)``, the patches of
-    each chunk read by ``(seed + 1, pass, first row)``, and each window of ``shuffle_buffer`` patches (default two
-    chunks) by ``(seed + 2, window)``.
-    """
-    import tensorflow as tf
-
-    start, stop = (0, store.n_train) if split == "train" else (store.n_train, store.n_patches)
-    ranges = _chunk_ranges(start, stop, store.chunk)
-    p = store.patch_size
-    cin, cout = store.X.shape[-1], store.Y.shape[-1]
-    reader = _ChunkReader(str(store.path))
-    by_chunk = num_shards > 1 and len(ranges) >= num_shards
-    if by_chunk:
-        ranges = ranges[shard_index::num_shards]
-    chunk_rows = tf.constant(ranges, tf.int64)
-    seed = tf.cast(seed, tf.int64)
-    shuffle_of = tf.random.experimental.stateless_shuffle
-
-    def one_pass(k):
-        order = shuffle_of(chunk_rows, seed=tf.stack([seed, k])) if shuffle else chunk_rows
-        return tf.data.Dataset.from_tensor_slices((tf.fill([tf.shape(order)[0]], k), order))
-
-    # Shuffled passes may overlap in the interleave; unshuffled ones repeat whole (below), so every pass of the
-    # validation rows is the same sequence.
-    passes = tf.data.Dataset.counter() if repeat and shuffle else tf.data.Dataset.range(1)
-    ds = passes.flat_map(one_pass)
-
-    def load(k, rows):
-        x, y = tf.numpy_function(reader, [rows], (tf.float32, tf.float32), stateful=False)
-        x.set_shape([None, p, p, cin])
-        y.set_shape([None, p, p, cout])
-        if shuffle:
-            perm = shuffle_of(tf.range(tf.shape(x)[0]), seed=tf.stack([seed + 1, k * (1 << 32) + rows[0]]))
-            x, y = tf.gather(x, perm), tf.gather(y, perm)
-        return tf.data.Dataset.from_tensor_slices((x, y))
-
-    cycle = int(cycle_length or min(4, len(ranges)))
-    ds = ds.interleave(load, cycle_length=max(1, cycle), block_length=1, num_parallel_calls=max(1, cycle),
-                       deterministic=deterministic)
-    if repeat and not shuffle:
-        ds = ds.repeat()
-    if num_shards > 1 and not by_chunk:
-        ds = ds.shard(num_shards, shard_index)
-    if shuffle:
-        def mix(i, xy):
-            perm = shuffle_of(tf.range(tf.shape(xy[0])[0]), seed=tf.stack([seed + 2, i]))
-            return tf.data.Dataset.from_tensor_slices((tf.gather(xy[0], perm), tf.gather(xy[1], perm)))
-
-        ds = ds.batch(int(shuffle_buffer or 2 * store.chunk)).enumerate().flat_map(mix)
-    return ds.batch(batch_size, drop_remainder=drop_remainder)
-
-
-def _finish(ds, deterministic: bool) -> "tf.data.Dataset":
-    import tensorflow as tf
-
-    ds = ds.prefetch(tf.data.AUTOTUNE)
-    options = tf.data.Options()
-    options.deterministic = deterministic
-    # We shard ourselves (by chunk); tf.distribute's auto-sharding would shard the chunk list a second time.
-    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
-    return ds.with_options(options)
-
-
-def _epoch_stream(store, split: str, *, batch_size: int, first_epoch: int, epochs: int, steps: int | None,
-                  seed: int, num_shards: int = 1, shard_index: int = 0, shuffle_buffer: int | None = None,
-                  drop_remainder: bool = True) -> "tf.data.Dataset":
-    """The batches of epochs ``[first_epoch, epochs)`` as one pipeline, iterated once for the whole run.
-
-    Training: epoch ``e`` is ``steps`` batches of a shuffled, repeated pass seeded by ``seed + 1000 * e``, so a run
-    resumed at ``first_epoch`` sees the batches an uninterrupted run would have. Validation: epoch ``e`` is one
-    unshuffled pass (``steps`` batches at most), the same patches every epoch. Building and tearing down a
-    ``tf.data`` iterator per epoch, as before, cost about 0.8 s per epoch on a 2-core CPU (a third of the step
-    time at 25 steps per epoch); one iterator for the whole run removes it.
-    """
-    import tensorflow as tf
-
-    train = split == "train"
-
-    def one(epoch):
-        # Whole batches of a short validation split need its patches repeated (the first batches, every epoch).
-        ds = _pipeline(store, split, batch_size=batch_size, shuffle=train, repeat=train or drop_remainder,
-                       seed=seed + 1000 * epoch, num_shards=num_shards,
-                       shard_index=shard_index, shuffle_buffer=shuffle_buffer, cycle_length=None,
-                       deterministic=True, drop_remainder=drop_remainder)
-        return ds.take(steps) if steps else ds
-
-    return _finish(tf.data.Dataset.range(first_epoch, epochs).flat_map(one), True)
-
-
-def _distributed(strategy, info: dict, store, split: str, global_batch: int, **kw):
-    """Per-replica batches of :func:`_epoch_stream` distributed by ``strategy``, sharded by input pipeline.
-
-    One device sees every validation patch (a last, smaller batch included: the validation loss is the mean over
-    all of them, as Keras' ``fit`` computes CSBDeep's); replicas get whole batches only.
-    """
-    if _one_device(strategy, info):
-        return _epoch_stream(store, split, batch_size=global_batch, drop_remainder=split == "train", **kw)
-
-    def fn(ctx):
-        # One pipeline feeds all replicas of its worker, a batch each per step.
-        per_step = max(1, ctx.num_replicas_in_sync // ctx.num_input_pipelines)
-        opts = dict(kw, steps=kw["steps"] * per_step) if kw.get("steps") else kw
-        return _epoch_stream(store, split, batch_size=ctx.get_per_replica_batch_size(global_batch),
-                             num_shards=ctx.num_input_pipelines, shard_index=ctx.input_pipeline_id, **opts)
-
-    return strategy.distribute_datasets_from_function(fn)
-
-
 # ----------------------------------------------------------------------------------------------- the loop
-
-
-def _one_device(strategy, info: dict) -> bool:
-    """No distribution: batches go to the model as they are (no per-replica split)."""
-    import tensorflow as tf
-
-    return info["replicas"] == 1 and info["workers"] == 1 and not isinstance(strategy, tf.distribute.MirroredStrategy)
 
 
 def _make_steps(model, optimizer, loss_fn, strategy, global_batch: int):
@@ -414,105 +181,6 @@ def _make_steps(model, optimizer, loss_fn, strategy, global_batch: int):
                 strategy.reduce(tf.distribute.ReduceOp.SUM, count, axis=None))
 
     return train_step, eval_step
-
-
-def _has_tensorboard() -> bool:
-    try:
-        import tensorboard  # noqa: F401
-    except Exception:  # ImportError, or a broken install: never let it stop training
-        return False
-    return True
-
-
-class _TensorBoard:
-    """Per-epoch scalars through ``tf.summary`` when tensorboard is installed; silently off otherwise."""
-
-    def __init__(self, logdir: Path, enabled: bool):
-        self.writer = None
-        if not enabled:
-            return
-        if not _has_tensorboard():
-            _say("note: tensorboard is not installed; TensorBoard logs are skipped (history.csv is written)")
-            return
-        try:
-            import tensorflow as tf
-
-            self.writer = tf.summary.create_file_writer(str(logdir))
-        except Exception as exc:  # pragma: no cover - depends on the installation
-            _say(f"note: TensorBoard logging is off ({type(exc).__name__}: {exc})")
-
-    def write(self, epoch: int, values: dict) -> None:
-        if self.writer is None:
-            return
-        try:
-            import tensorflow as tf
-
-            with self.writer.as_default(step=epoch):
-                for k, v in values.items():
-                    if v is not None and math.isfinite(v):
-                        tf.summary.scalar(k, v)
-            self.writer.flush()
-        except Exception as exc:  # pragma: no cover - never break training for a log
-            _say(f"note: TensorBoard logging stopped ({type(exc).__name__}: {exc})")
-            self.writer = None
-
-
-def _write_history(path: Path, history: list[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    cols = ["epoch", "loss", "val_loss", "learning_rate", "seconds", "best"]
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
-        w.writeheader()
-        for row in history:
-            w.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in cols})
-    os.replace(tmp, path)
-
-
-def _prepare_dir(model_dir: Path, resume: bool, overwrite: bool, chief: bool, cfg_d: dict,
-                 patches: Path) -> dict | None:
-    """Check the model folder against resume/overwrite and return the saved state to resume from (or None)."""
-    from l2l_scale.model.unet import CONFIG_FILE
-
-    state_path = model_dir / CHECKPOINT_DIR / STATE_FILE
-    state = json.loads(state_path.read_text()) if state_path.is_file() else None
-    finished = (model_dir / CONFIG_FILE).is_file()
-    if resume:
-        if state is None:
-            raise OutputError(f"{model_dir}: no checkpoint to resume from ({state_path} is missing); start without "
-                              "--resume")
-        changed = [k for k in _FIXED_KEYS if state["config"].get(k) != cfg_d.get(k)]
-        if changed:
-            raise ConfigError(f"{model_dir}: the checkpoint was trained with different {', '.join(changed)}; resume "
-                              "with the same network and loss, or start again with --overwrite")
-        if chief and state.get("patches") != str(patches.resolve()):
-            _say(f"warning: the checkpoint was trained on {state.get('patches')}; continuing on {patches}")
-        if state["epoch"] >= cfg_d["epochs"] and finished:
-            raise ConfigError(f"{model_dir}: training already finished {state['epoch']} epochs; pass a larger "
-                              "--epochs to continue training, or --overwrite to start again")
-        return state
-    if not chief:
-        return None
-    if model_dir.exists() and not model_dir.is_dir():
-        raise OutputError(f"model output {model_dir} is a file; choose a folder path")
-    if model_dir.is_dir() and any(model_dir.iterdir()):
-        if not overwrite:
-            if finished:
-                raise OutputError(f"{model_dir} already holds a trained model; pass --overwrite to replace it (or "
-                                  "--resume with a larger --epochs to train it further), or choose a new folder")
-            if state is not None:
-                raise OutputError(f"{model_dir} holds an interrupted training run (epoch {state['epoch']}); pass "
-                                  "--resume to continue it or --overwrite to start again")
-            raise OutputError(f"{model_dir} is not empty; choose a new folder, or pass --overwrite to train into it")
-        from l2l_scale.model.unet import METADATA_FILE, WEIGHTS_BEST, WEIGHTS_LAST
-
-        for name in (CHECKPOINT_DIR, LOG_DIR):
-            shutil.rmtree(model_dir / name, ignore_errors=True)
-        for name in (CONFIG_FILE, WEIGHTS_BEST, WEIGHTS_LAST, METADATA_FILE):
-            (model_dir / name).unlink(missing_ok=True)
-    parent = model_dir.resolve().parent
-    if not parent.exists():
-        raise OutputError(f"{parent}: output folder does not exist; create it first")
-    return None
 
 
 def _spec_for(cfg: TrainConfig, store) -> Any:
@@ -623,7 +291,7 @@ def train(patches: str | Path, model_dir: str | Path, config: TrainConfig | str 
 
     import keras
 
-    from l2l_scale.model import build_unet, export_model
+    from l2l_scale.model import build_unet
     from l2l_scale.model.losses import make_loss
 
     keras.utils.set_random_seed(cfg.seed)
@@ -729,23 +397,10 @@ def train(patches: str | Path, model_dir: str | Path, config: TrainConfig | str 
                "seconds": round(seconds, 3), "best": improved}
         history.append(row)
         if info["chief"]:
-            ckpt = f"epoch-{epoch + 1:04d}.weights.h5"
-            tmp = ckpt_dir / f".tmp-{ckpt}"
-            model.save_weights(str(tmp))
-            os.replace(tmp, ckpt_dir / ckpt)
-            if improved:
-                new_best = f"best-{epoch + 1:04d}.npz"
-                np.savez(ckpt_dir / f".tmp-{new_best}", *model.get_weights())
-                os.replace(ckpt_dir / f".tmp-{new_best}", ckpt_dir / new_best)
-                best_file = new_best
-            write_json(ckpt_dir / STATE_FILE, {
-                "epoch": epoch + 1, "checkpoint": ckpt, "best_weights": best_file, "history": history,
-                "best": best, "plateau": plateau, "early": early, "monitor": monitor, "config": cfg_d,
-                "patches": str(Path(patches).resolve()), "strategy": info["name"], "replicas": info["replicas"]})
-            # Older checkpoints go only after the new state is committed.
-            for old in ckpt_dir.iterdir():
-                if old.name.startswith(("epoch-", "best-")) and old.name not in (ckpt, best_file):
-                    old.unlink(missing_ok=True)
+            best_file = _commit_epoch(ckpt_dir, model, epoch + 1, improved, best_file, {
+                "history": history, "best": best, "plateau": plateau, "early": early, "monitor": monitor,
+                "config": cfg_d, "patches": str(Path(patches).resolve()), "strategy": info["name"],
+                "replicas": info["replicas"]})
             _write_history(log_dir / HISTORY_FILE, history)
             board.write(epoch + 1, {"loss": loss, "val_loss": val_loss, "learning_rate": lr})
             _say(f"epoch {epoch + 1}/{cfg.epochs}  loss {loss:.5f}" +
@@ -763,45 +418,8 @@ def train(patches: str | Path, model_dir: str | Path, config: TrainConfig | str 
         return model_dir
     if not history:
         raise ConfigError(f"{model_dir}: no epoch was trained (epochs={cfg.epochs}); pass a larger --epochs")
-    best_weights = None
-    if best_file and (ckpt_dir / best_file).is_file():
-        with np.load(ckpt_dir / best_file) as npz:
-            best_weights = [npz[f"arr_{i}"] for i in range(len(npz.files))]
     meta = _metadata(store, cfg, loss_spec, info, history, best, stopped_early, Path(patches))
-    train_params = {"train_epochs": cfg.epochs, "train_steps_per_epoch": cfg.steps_per_epoch,
-                    "train_learning_rate": cfg.learning_rate, "train_batch_size": cfg.batch_size,
-                    "train_tensorboard": bool(cfg.tensorboard),
-                    "train_reduce_lr": {"factor": cfg.reduce_lr_factor, "patience": cfg.reduce_lr_patience,
-                                        "min_delta": cfg.reduce_lr_min_delta} if cfg.reduce_lr else None,
-                    **({"train_loss": {"l1": "mae", "l2": "mse"}[loss_spec.name]}
-                       if loss_spec.name in ("l1", "l2") else {})}
-    export_model(model, spec, model_dir, metadata=meta, weights_best=best_weights, train_params=train_params,
-                 overwrite=True)
+    _export(model, spec, model_dir, cfg, loss_spec, best_file, meta)
     _say(f"exported {model_dir} (best {monitor} {best['value']:.5f} at epoch {best['epoch']})")
     return model_dir
 
-
-def _metadata(store, cfg: TrainConfig, loss_spec, info: dict, history: list, best: dict, stopped_early: bool,
-              patches: Path) -> dict:
-    from l2l_scale.io.prov import provenance
-
-    norm = store.meta.get("normalization") or {}
-    return {
-        "channels": store.channels,
-        "normalization": {"percentiles": norm.get("percentiles"), "values": norm.get("values"),
-                          "scope": norm.get("scope"), "formula": norm.get("formula")},
-        "loss": loss_spec.to_dict(),
-        "preset": cfg.preset,
-        "mode": store.meta.get("mode"),
-        "provenance": provenance(
-            cfg.model_dump(mode="json"), str(patches.resolve()),
-            patches={"path": str(patches.resolve()), "n_train": store.n_train, "n_validation": store.n_validation,
-                     "patch_size": store.patch_size, "mode": store.meta.get("mode"),
-                     "augment": store.meta.get("augment"), "split": store.meta.get("split"),
-                     "source": store.provenance.get("input"), "created": store.provenance.get("created")},
-            training={"strategy": info["name"], "replicas": info["replicas"], "workers": info["workers"],
-                      "global_batch": cfg.batch_size, "epochs_trained": len(history),
-                      "best_epoch": best["epoch"], "best_value": best["value"],
-                      "monitor": "val_loss" if store.n_validation else "loss", "stopped_early": stopped_early,
-                      "final": history[-1] if history else None}),
-    }

@@ -241,7 +241,7 @@ def _export_tf_zip(care, path):
     import tensorflow as tf
 
     from l2l_scale.model import read_spec
-    from l2l_scale.model.unet import _layer_plan
+    from l2l_scale.model.spec import _layer_plan
 
     spec = read_spec(care.logdir)
     layers = {layer.name: layer.get_weights() for layer in care.keras_model.layers}  # eagerly, before the graph

@@ -13,7 +13,9 @@ from scipy import ndimage
 from l2l_scale.cli import main
 from l2l_scale.errors import ChannelError, ConfigError, InputError, OutputError
 from l2l_scale.evaluate import metrics as M
-from l2l_scale.evaluate.evaluate import CSV_COLUMNS, ImageSpec, evaluate, parse_method, rms_map, ssim_map
+from l2l_scale.evaluate.evaluate import CSV_COLUMNS, evaluate
+from l2l_scale.evaluate.images import ImageSpec, parse_method
+from l2l_scale.evaluate.maps import rms_map, ssim_map
 from l2l_scale.io.read import open_image
 from l2l_scale.io.write import write_image
 from l2l_scale.preprocess.normalize import normalize, percentiles

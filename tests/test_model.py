@@ -455,6 +455,62 @@ def test_get_cached_model_loads_once(csbdeep_models, tmp_path):
     assert get_cached_model(str(folder)) is not first
 
 
+def _race(fn, n: int = 8) -> list:
+    """Call ``fn()`` from ``n`` threads released together, so they ask for a not yet created object at once."""
+    import threading
+
+    barrier = threading.Barrier(n)
+
+    def run(_):
+        barrier.wait()
+        return fn()
+
+    with ThreadPoolExecutor(n) as pool:
+        return list(pool.map(run, range(n)))
+
+
+def test_threads_racing_for_a_new_model_lock_get_the_same_lock(monkeypatch):
+    """The per-model lock of predict is created atomically: a slow constructor widens the race window."""
+    import threading
+    import time
+    import types
+
+    from l2l_scale import predict
+
+    def slow_lock():
+        time.sleep(0.02)  # every racing thread has looked the key up before the first lock is stored
+        return threading.Lock()
+
+    monkeypatch.setattr(predict, "_MODEL_LOCKS", {})
+    monkeypatch.setattr(predict, "threading", types.SimpleNamespace(Lock=slow_lock))
+    key = ("/models/m", None, "fp32")
+    locks = _race(lambda: predict._model_lock(key))
+    assert all(lock is locks[0] for lock in locks)
+    assert predict._model_lock(key) is locks[0] and list(predict._MODEL_LOCKS) == [key]
+
+
+def test_threads_racing_for_a_new_forward_pass_build_it_once(csbdeep_models, tmp_path, monkeypatch):
+    from l2l_scale.model import backend
+
+    folder = _copy(csbdeep_models["d1k3_res"], tmp_path / "race")
+    model = load_model(folder)
+    real, built = backend.make_predict_fn, []
+
+    def slow_make(*args):
+        import time
+
+        built.append(1)
+        time.sleep(0.05)
+        return real(*args)
+
+    monkeypatch.setattr(backend, "make_predict_fn", slow_make)
+    x = np.random.default_rng(0).random((1, 32, 32, 1), dtype=np.float32)
+    ys = _race(lambda: model.predict_batch(x))
+    assert len(built) == 1
+    for y in ys:
+        np.testing.assert_array_equal(y, ys[0])
+
+
 def test_configure_tf_threads_after_init_is_a_noop():
     import tensorflow as tf
 

@@ -12,7 +12,8 @@ import pytest
 
 from l2l_scale.cli import main
 from l2l_scale.errors import InputError
-from l2l_scale.evaluate.report import load_results, render_html, report
+from l2l_scale.evaluate.render import render_html
+from l2l_scale.evaluate.report import load_results, report
 
 from test_evaluate import build_results  # the same simulated evaluation (built once per session)
 

@@ -105,7 +105,7 @@ def test_config_errors(tmp_path, text, match):
 def test_dataset_reads_chunks_and_shards(data):
     import tensorflow as tf
 
-    from l2l_scale.train import _chunk_ranges, patch_dataset
+    from l2l_scale.train_input import _chunk_ranges, patch_dataset
 
     store = open_patches(data["store"])
     assert _chunk_ranges(10, 40, 16).tolist() == [[10, 16], [16, 32], [32, 40]]
@@ -290,7 +290,7 @@ def test_user_errors_exit_2(data, tmp_path, capsys, monkeypatch):
 def test_missing_or_broken_tensorboard_never_breaks_training(tmp_path, monkeypatch):
     import types
 
-    from l2l_scale.train import _TensorBoard
+    from l2l_scale.train_folder import _TensorBoard
 
     monkeypatch.setitem(sys.modules, "tensorboard", None)  # not installed
     board = _TensorBoard(tmp_path / "tb", True)

@@ -90,15 +90,9 @@ dataset is never modified or copied.
 
 from __future__ import annotations
 
-import contextlib
-import csv
 import json
 import math
-import os
 import shutil
-import sys
-import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -106,7 +100,9 @@ from typing import Any, Sequence
 import numpy as np
 
 from l2l_scale.errors import ChannelError, ConfigError, InputError, OutputError
-from l2l_scale.io.atomic import say as _say, write_json
+from l2l_scale.evaluate.crossval_results import CROSSVAL_VERSION, _fmt, _summarise, _write_csv, _write_json_atomic
+from l2l_scale.evaluate.folds import _run_jobs
+from l2l_scale.io.atomic import say as _say
 
 __all__ = [
     "CROSSVAL_PRESETS",
@@ -119,18 +115,11 @@ __all__ = [
     "run_crossval",
 ]
 
-CROSSVAL_VERSION = 1
 RUN_FILE = "run.json"
 FOLDS_DIR = "folds"
 WORK_DIR = "work"
 SUMMARY_FILE = "crossval.json"
 CSV_FILE = "crossval.csv"
-_METRICS = ("psnr", "nrmse", "ms_ssim_5", "ms_ssim_3", "ms_ssim_1")
-_CSV_COLUMNS = ("pairs", "repeat", "fold", "id", "n_train", "n_test", "epochs", "nrmse_input", "nrmse_restored",
-                "nrmse_rel_change", "ms_ssim_5_input", "ms_ssim_5_restored", "ssim5_rel_change", "psnr_input",
-                "psnr_restored")
-# One fold at a time per process: Keras' global seed and graph state, and dask.config, are process-wide.
-_FOLD_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -161,19 +150,6 @@ CROSSVAL_PRESETS: dict[str, CrossvalPreset] = {
 }
 _DEFAULT = {"folds": 8, "pairs": (8, 16, 32, 64), "repeats": (10, 5, 3, 2)}
 
-
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    write_json(path, obj, indent=1, allow_nan=False)  # results must stay valid JSON for other tools
-
-
-def _finite(v: Any) -> float | None:
-    """A float for JSON: NaN/Inf become ``None`` (``null``), which ``load_crossval`` reads back as NaN."""
-    v = float(v)
-    return v if math.isfinite(v) else None
-
-
-def _as_float(v: Any) -> float:
-    return float("nan") if v is None else float(v)
 
 
 # ---------------------------------------------------------------------------------------------------- planning
@@ -423,218 +399,6 @@ def plan_crossval(dataset: str | Path, out_dir: str | Path, *, input_channels: S
     return plan
 
 
-# ------------------------------------------------------------------------------------------------ one fold
-
-
-def _make_view(folder: Path, entries: Sequence[Sequence[str]]) -> Path:
-    """A folder dataset of symbolic links to some images of the dataset (the images are not copied)."""
-    folder.mkdir(parents=True)
-    for name, target, _key in entries:
-        try:
-            (folder / f"{name}.zarr").symlink_to(target, target_is_directory=True)
-        except OSError as exc:
-            raise OutputError(f"cannot create symbolic links in {folder} ({exc.strerror or exc}); crossval builds "
-                              "each fold's dataset from symlinks: put OUT_DIR on a file system that supports "
-                              "them") from None
-    return folder
-
-
-def _normalised(spec: tuple[str, str | None], q: Sequence[float], smooth: float):
-    """A 2-D image normalised as ``l2l-scale evaluate`` does: its own exact whole-image percentiles, unclipped."""
-    from l2l_scale.evaluate.evaluate import load_image
-    from l2l_scale.preprocess.normalize import normalize, percentiles
-
-    img, _ = load_image(spec)
-    x = img.data
-    try:
-        lo, hi = (float(v) for v in percentiles(x, list(q), channel_axis=None))
-        out = normalize(x, lo, hi, dtype=np.float32, channel_axis=None)
-    except InputError as exc:
-        raise InputError(f"{spec[0]}{':' + spec[1] if spec[1] else ''}: {exc}") from None
-    if smooth:
-        from dask_image.ndfilters import gaussian_filter
-
-        out = gaussian_filter(out.astype(np.float64), smooth, mode="reflect").astype(np.float32)
-    return out
-
-
-def _pair_metrics(source: str, restored: str, channels: dict, ev: dict) -> dict:
-    """Table 1 metrics of the input and of the restoration against the reference label, on the whole image."""
-    from l2l_scale.evaluate.metrics import table1_metrics
-
-    q, smooth = ev["percentiles"], float(ev["smooth"])
-    ref = _normalised((source, channels["reference"]), q, smooth)
-    inp = _normalised((source, channels["input"]), q, smooth)
-    res = _normalised((restored, None), q, smooth)
-    with np.errstate(all="ignore"):
-        return {"input": {k: _finite(v) for k, v in table1_metrics(ref, inp, data_range=1.0).items()},
-                "restoration": {k: _finite(v) for k, v in table1_metrics(ref, res, data_range=1.0).items()}}
-
-
-def _rel_change(restored: float, inp: float) -> float:
-    with np.errstate(all="ignore"):
-        return float((np.float64(restored) - inp) / np.float64(inp)) if inp else float("nan")
-
-
-def _fold_summary(per_pair: list[dict]) -> dict:
-    """Means over the held-out pairs and the fold's relative changes of NRMSE and 5-scale MS-SSIM."""
-    mean = {role: {m: _nanmean([_as_float(p[role][m]) for p in per_pair]) for m in _METRICS}
-            for role in ("input", "restoration")}
-    rel = {}
-    for m, name in (("nrmse", "nrmse_rel_change"), ("ms_ssim_5", "ssim5_rel_change")):
-        rel[name] = _finite(_rel_change(_as_float(mean["restoration"][m]), _as_float(mean["input"][m])))
-    return {"mean": mean, **rel}
-
-
-@contextlib.contextmanager
-def _fold_context():
-    """One fold at a time in this process, with its dask work on local threads and its chatter on stderr.
-
-    The lock keeps Keras' global seed and dask's global config to one fold; the threaded scheduler keeps the fold's
-    own computations (patch sampling, prediction, metrics) where the fold runs, instead of sending them to a
-    cluster whose slots may all be taken by waiting folds; stdout stays free for the result table.
-    """
-    import dask
-
-    with _FOLD_LOCK, dask.config.set(scheduler="threads"), contextlib.redirect_stdout(sys.stderr):
-        yield
-
-
-@contextlib.contextmanager
-def _deterministic_ops():
-    """TensorFlow's deterministic kernels while a fold trains on CPU, so a retrained fold equals the original.
-
-    Adam turns float round-off differences (e.g. of multi-threaded reductions) into visibly different weights
-    within a few steps. On GPUs this is left off: the U-Net's nearest-neighbour upsampling has no deterministic
-    GPU gradient and TensorFlow would refuse to train.
-    """
-    import tensorflow as tf
-
-    if tf.config.list_physical_devices("GPU"):
-        yield
-        return
-    try:  # is_/disable_op_determinism are not public; without them determinism simply stays on
-        from tensorflow.python.framework import config as tf_config
-
-        was_on = bool(tf_config.is_op_determinism_enabled())
-        restore = tf_config.disable_op_determinism
-    except (ImportError, AttributeError):
-        was_on, restore = True, None
-    tf.config.experimental.enable_op_determinism()
-    try:
-        yield
-    finally:
-        if not was_on and restore is not None:
-            restore()
-
-
-def _run_fold(job: dict) -> dict:
-    """One fold, in this process: patches from the training pairs, training, restoration and metrics of the
-    held-out pairs; writes ``folds/ID.json`` when complete and returns its content."""
-    from l2l_scale.config import PatchConfig, TrainConfig
-    from l2l_scale.patches import create_patches
-    from l2l_scale.predict import predict
-    from l2l_scale.train import train
-
-    t0 = time.perf_counter()
-    with _fold_context():
-        work = Path(job["work"])
-        if work.exists():  # left by an interrupted run: redo the fold from scratch (training is deterministic)
-            shutil.rmtree(work)
-        work.mkdir(parents=True)
-        train_view = _make_view(work / "train-pairs", job["train"])
-        test_view = _make_view(work / "test-pairs", job["test"])
-        _say(f"fold {job['id']}: training on {len(job['train'])} pairs, testing on {len(job['test'])}")
-        store = create_patches(train_view, work / "patches.zarr", PatchConfig(**job["patches"]))
-        cfg = TrainConfig(**{**job["train_config"], "epochs": int(job["epochs"])})
-        history: list[dict] = []
-        keep = ("epoch", "loss", "learning_rate")
-        with _deterministic_ops():
-            model = train(store, work / "model", cfg,
-                          hooks=[lambda epoch, row, _m: history.append({k: row[k] for k in keep})])
-        restored = predict(model, test_view, work / "restored.zarr", channels=[job["channels"]["input"]],
-                           tile=job["tile"], precision=job["train_config"].get("precision", "fp32"))
-        per_pair = []
-        for name, source, key in job["test"]:
-            metrics = _pair_metrics(source, str(restored / f"{name}.zarr"), job["channels"], job["evaluate"])
-            per_pair.append({"key": key, **metrics})
-        result = {
-            "l2l_scale_crossval_fold": CROSSVAL_VERSION,
-            "id": job["id"], "pairs": job["pairs"], "repeat": job["repeat"], "fold": job["fold"],
-            "epochs": job["epochs"],
-            "train_keys": [e[2] for e in job["train"]], "test_keys": [e[2] for e in job["test"]],
-            "per_pair": per_pair, **_fold_summary(per_pair),
-            "history": history, "seconds": round(time.perf_counter() - t0, 1),
-        }
-        result_path = Path(job["result"])
-        result_path.parent.mkdir(parents=True, exist_ok=True)
-        _write_json_atomic(result_path, result)  # the commit point: the fold is done only now
-        if not job["keep_work"]:
-            shutil.rmtree(work, ignore_errors=True)
-    return result
-
-
-def _in_dask_worker() -> bool:
-    try:
-        from distributed import get_worker
-
-        get_worker()
-        return True
-    except (ImportError, ValueError):
-        return False
-
-
-def _fold_task(job: dict) -> dict:
-    """The Dask task of one fold: in a fresh Python process when it runs on a Dask worker, else here.
-
-    Keras draws the seeds of its weight initialisers from Python's global ``random``, which a worker's own threads
-    use too, so training inside a worker is not reproducible (and a resumed fold would differ from the original).
-    A child process also hands the fold's TensorFlow memory back when the fold ends. It inherits the worker's
-    environment, e.g. the GPU that dask-cuda assigned (``CUDA_VISIBLE_DEVICES``).
-    """
-    if not _in_dask_worker():
-        return _run_fold(job)
-    import subprocess
-
-    job_file = Path(job["result"]).with_name(f".{job['id']}.job.json")
-    error_file = job_file.with_name(f".{job['id']}.error.json")
-    job_file.parent.mkdir(parents=True, exist_ok=True)
-    error_file.unlink(missing_ok=True)
-    _write_json_atomic(job_file, job)
-    env = dict(os.environ)
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    with _FOLD_LOCK:  # one fold per worker process at a time, as in-process (set --workers for more)
-        code = subprocess.call([sys.executable, "-m", "l2l_scale.evaluate.crossval", str(job_file)], env=env)
-    job_file.unlink(missing_ok=True)
-    if code == 0:
-        return json.loads(Path(job["result"]).read_text())
-    if error_file.is_file():
-        from l2l_scale import errors
-
-        info = json.loads(error_file.read_text())
-        error_file.unlink(missing_ok=True)
-        cls = getattr(errors, info.get("type", ""), None)
-        if isinstance(cls, type) and issubclass(cls, errors.L2LError):
-            raise cls(f"fold {job['id']}: {info['message']}")
-    raise RuntimeError(f"fold {job['id']} failed in its worker (exit code {code}); see the worker's log")
-
-
-def _child_main(argv: Sequence[str]) -> int:
-    """``python -m l2l_scale.evaluate.crossval JOB.json``: run one fold (see :func:`_fold_task`)."""
-    from l2l_scale.errors import L2LError
-
-    job_file = Path(argv[0])
-    job = json.loads(job_file.read_text())
-    try:
-        _run_fold(job)
-    except L2LError as exc:
-        _write_json_atomic(job_file.with_name(f".{job['id']}.error.json"),
-                           {"type": type(exc).__name__, "message": str(exc)})
-        print(f"l2l-scale crossval: fold {job['id']}: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
-
-
 # ----------------------------------------------------------------------------------------------- the driver
 
 
@@ -663,101 +427,6 @@ def _read_fold(job: dict) -> dict:
         raise OutputError(f"{path} belongs to a different fold plan; delete it and rerun with --resume, or rerun "
                           "with --overwrite")
     return data
-
-
-def _run_jobs(jobs: list[dict]) -> None:
-    """Run the fold tasks: on the distributed client if there is one (GPU-annotated), else one by one here."""
-    from l2l_scale.cluster import current_client, worker_resources
-
-    total = len(jobs)
-    client = current_client()
-    if client is None:
-        for i, job in enumerate(jobs, 1):
-            result = _fold_task(job)
-            _say(f"[{i}/{total}] fold {job['id']} done in {result['seconds']:.0f} s: "
-                 f"dNRMSE {_fmt(result['nrmse_rel_change'])}, dSSIM5 {_fmt(result['ssim5_rel_change'])}")
-        return
-    from dask import delayed
-    from distributed import as_completed
-
-    resources = {"GPU": 1} if worker_resources(client).get("GPU") else None
-    tasks = [delayed(_fold_task, pure=False)(job, dask_key_name=f"crossval-fold-{job['id']}") for job in jobs]
-    _say(f"submitting {total} fold(s) to the cluster" + (" (one GPU each)" if resources else ""))
-    futures = client.compute(tasks, resources=resources)
-    try:
-        for i, fut in enumerate(as_completed(futures), 1):
-            result = fut.result()
-            _say(f"[{i}/{total}] fold {result['id']} done in {result['seconds']:.0f} s: "
-                 f"dNRMSE {_fmt(result['nrmse_rel_change'])}, dSSIM5 {_fmt(result['ssim5_rel_change'])}")
-    except BaseException:
-        client.cancel(futures)
-        raise
-
-
-def _fmt(v: Any, signed: bool = True) -> str:
-    v = _as_float(v)
-    return "nan" if not math.isfinite(v) else (f"{v:+.3f}" if signed else f"{v:.3f}")
-
-
-def _nanmean(values: Any) -> float | None:
-    """Mean of the finite values; ``None`` when there is none (e.g. every input metric was 0)."""
-    v = np.asarray(values, dtype=np.float64)
-    v = v[np.isfinite(v)]
-    return float(v.mean()) if v.size else None
-
-
-def _sd(values: np.ndarray) -> float:
-    finite = values[np.isfinite(values)]
-    return float(np.std(finite, ddof=1)) if finite.size > 1 else 0.0 if finite.size else float("nan")
-
-
-def _summarise(plan: CrossvalPlan, results: list[dict]) -> dict:
-    """The ``crossval.json`` content from the fold results (read from disk, so a resumed run gives the same)."""
-    from l2l_scale.io.prov import provenance
-
-    s = plan.settings
-    by_n: dict[str, dict] = {}
-    for n, reps in zip(s["pairs"], s["repeats"]):
-        rows = sorted((r for r in results if r["pairs"] == n), key=lambda r: (r["repeat"], r["fold"]))
-        entry: dict[str, Any] = {"repeats": reps, "folds": s["folds"], "epochs": s["epochs"][str(n)]}
-        values = {m: np.array([_as_float(r[m]) for r in rows], dtype=np.float64)
-                  for m in ("nrmse_rel_change", "ssim5_rel_change")}
-        entry.update({m: [_finite(v) for v in vals] for m, vals in values.items()})
-        entry["mean"] = {m: _nanmean(v) for m, v in values.items()}
-        entry["sd"] = {m: _finite(_sd(v)) for m, v in values.items()}
-        entry["repeat_mean"] = {m: [_nanmean([_as_float(r[m]) for r in rows if r["repeat"] == rep])
-                                    for rep in range(reps)] for m in values}
-        entry["index"] = [[r["repeat"], r["fold"]] for r in rows]
-        by_n[str(n)] = entry
-    name = s["preset"] or plan.dataset.name.removesuffix(".zarr")
-    return {
-        "l2l_scale_crossval": CROSSVAL_VERSION,
-        "dataset": name,
-        "source": s["dataset"],
-        "folds": s["folds"],
-        "channels": s["channels"],
-        "mode": s["mode"],
-        "pairs": by_n,
-        "definition": "(m(restoration, reference) - m(input, reference)) / m(input, reference) of the means over "
-                      "each fold's held-out pairs; m = NRMSE (min-max) or 5-scale MS-SSIM on whole images, each "
-                      "normalised with its own exact percentiles; one value per (repeat, fold), repeat-major",
-        "provenance": provenance(s, s["dataset"]),
-    }
-
-
-def _write_csv(results: list[dict], path: Path) -> None:
-    rows = sorted(results, key=lambda r: (r["pairs"], r["repeat"], r["fold"]))
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(_CSV_COLUMNS)
-        for r in rows:
-            mi, mr = r["mean"]["input"], r["mean"]["restoration"]
-            vals = [r["pairs"], r["repeat"], r["fold"], r["id"], len(r["train_keys"]), len(r["test_keys"]),
-                    r["epochs"], mi["nrmse"], mr["nrmse"], r["nrmse_rel_change"], mi["ms_ssim_5"], mr["ms_ssim_5"],
-                    r["ssim5_rel_change"], mi["psnr"], mr["psnr"]]
-            w.writerow(["nan" if v is None else (repr(float(v)) if isinstance(v, float) else v) for v in vals])
-    os.replace(tmp, path)
 
 
 def format_crossval_table(summary: dict) -> str:
@@ -865,5 +534,3 @@ def crossval(dataset: str | Path, out_dir: str | Path, **options: Any) -> dict:
     return run_crossval(plan_crossval(dataset, out_dir, **options))
 
 
-if __name__ == "__main__":  # a fold in its own process, started by _fold_task on a Dask worker
-    sys.exit(_child_main(sys.argv[1:]))

@@ -14,10 +14,8 @@ results folder::
 
 Image specs
 -----------
-An image is named ``PATH[:CHANNEL]``: an OME-Zarr image (a plate field as ``PLATE.zarr/A/1/0``) and a channel
-name or index. Without a channel the image must have exactly one. Every image is reduced to one 2-D ``(y, x)``
-plane; all must have the target's shape and pixel size. Predictions stored as ``uint16`` by ``l2l-scale predict``
-are decoded with the scale and offset in their provenance.
+An image is named ``PATH[:CHANNEL]`` (an OME-Zarr image or plate field, and a channel name or index) and reduced to
+one 2-D ``(y, x)`` plane; all must have the target's shape and pixel size (see :mod:`l2l_scale.evaluate.images`).
 
 Normalisation
 -------------
@@ -66,20 +64,26 @@ from __future__ import annotations
 import csv
 import json
 import math
-import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-import dask
 import dask.array as da
 import numpy as np
 import xarray as xr
 
-from l2l_scale.errors import ChannelError, ConfigError, InputError
+from l2l_scale.errors import ConfigError, InputError
+from l2l_scale.evaluate.images import (
+    ImageSpec,
+    _check_compatible,
+    _check_name,
+    _Image,
+    _pixel_size,
+    load_image,
+    parse_method,
+)
+from l2l_scale.evaluate.maps import _radius, rms_map, ssim_map
 from l2l_scale.io.output import atomic_output, check_output
 from l2l_scale.io.prov import provenance
-from l2l_scale.io.read import open_image, select_channels
 from l2l_scale.io.write import write_image
 
 __all__ = [
@@ -87,15 +91,10 @@ __all__ = [
     "EVALUATION_FILE",
     "EVALUATION_VERSION",
     "FIT_COLUMNS",
-    "ImageSpec",
     "METRIC_COLUMNS",
     "METRICS_FILE",
     "evaluate",
     "format_table",
-    "load_image",
-    "parse_method",
-    "rms_map",
-    "ssim_map",
 ]
 
 EVALUATION_FILE = "evaluation.json"
@@ -103,295 +102,14 @@ METRICS_FILE = "metrics.csv"
 MAPS_DIR = "maps"
 EVALUATION_VERSION = 1
 NORMALIZE_MODES = ("percentile", "none")
-_RAW_FITTED = ("psnr", "nrmse", "ms_ssim_5", "ms_ssim_3", "ms_ssim_1")
-#: The scale-dependent metrics again after the affine fit to the reference (:mod:`l2l_scale.evaluate.scale`).
-FIT_COLUMNS = tuple(f"{m}_fit" for m in _RAW_FITTED)
+#: The scale-dependent metrics (Table 1's) again after the affine fit to the reference
+#: (:mod:`l2l_scale.evaluate.scale`).
+FIT_COLUMNS = tuple(f"{m}_fit" for m in ("psnr", "nrmse", "ms_ssim_5", "ms_ssim_3", "ms_ssim_1"))
 METRIC_COLUMNS = ("psnr", "nrmse", "ms_ssim_5", "ms_ssim_3", "ms_ssim_1", "pcc", "tolerance_level", "michelson",
                   "rms") + FIT_COLUMNS
 CSV_COLUMNS = ("method", "role", "reference", "region", "n_patches") + METRIC_COLUMNS
 _COMPARISON = METRIC_COLUMNS[:7] + FIT_COLUMNS
-_RESERVED = ("input", "target", "truth")
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
-
-# ------------------------------------------------------------------------------------------------ image specs
-
-
-@dataclass(frozen=True)
-class ImageSpec:
-    """One 2-D image to compare: an OME-Zarr image path and an optional channel (name or index)."""
-
-    path: Path
-    channel: str | None = None
-
-    @classmethod
-    def parse(cls, spec: "str | Path | ImageSpec | tuple") -> "ImageSpec":
-        """Parse ``PATH[:CHANNEL]`` (a path that exists as written is never split), ``(path, channel)`` or a spec.
-
-        Raises
-        ------
-        ConfigError
-            An empty path or channel.
-        """
-        if isinstance(spec, ImageSpec):
-            return spec
-        if isinstance(spec, tuple):
-            path, channel = spec
-            return cls(Path(path), None if channel is None else str(channel))
-        if isinstance(spec, Path):
-            return cls(spec)
-        text = str(spec).strip()
-        path, channel = text, None
-        # A colon may be part of an existing path (or a Windows drive): split only when the whole text is no path.
-        if not Path(text).exists() and ":" in text:
-            head, tail = text.rsplit(":", 1)
-            if "/" not in tail and "\\" not in tail:
-                path, channel = head, tail
-        if not path or channel == "":
-            raise ConfigError(f"image spec {text!r} is not PATH[:CHANNEL]; e.g. sim.zarr:phalloidin")
-        return cls(Path(path), channel)
-
-    def __str__(self) -> str:
-        return f"{self.path}:{self.channel}" if self.channel is not None else str(self.path)
-
-
-def parse_method(text: str) -> tuple[str, ImageSpec]:
-    """Parse a ``NAME=PATH[:CHANNEL]`` method option; without ``NAME=`` the name is the file name without ``.zarr``.
-
-    Raises
-    ------
-    ConfigError
-        An invalid or reserved name.
-    """
-    text = str(text).strip()
-    name, _, rest = text.partition("=")
-    if not rest:
-        spec = ImageSpec.parse(text)
-        name = spec.path.name.removesuffix(".zarr") if spec.path.name else str(spec.path)
-    else:
-        spec = ImageSpec.parse(rest)
-    _check_name(name)
-    return name, spec
-
-
-def _check_name(name: str) -> None:
-    if not _NAME_RE.match(name):
-        raise ConfigError(f"method name {name!r} must start with a letter or digit and use only letters, digits and "
-                          "_.+-; e.g. --method l2l-ssim=restored.zarr")
-    if name in _RESERVED:
-        raise ConfigError(f"method name {name!r} is reserved for the --{name} image; choose another name, "
-                          f"e.g. --method {name}-restored=...")
-
-
-@dataclass
-class _Image:
-    """A loaded image: where it came from and its 2-D dask data (decoded, not yet normalised)."""
-
-    name: str
-    role: str  # "input", "method", "target" or "truth"
-    spec: ImageSpec
-    data: xr.DataArray  # dims (y, x)
-    channel: str | None
-    lo: float | None = None
-    hi: float | None = None
-    norm: da.Array | None = None  # what the metrics see (normalised and smoothed)
-    provenance: dict | None = None
-    extra: dict = field(default_factory=dict)
-
-    @property
-    def label(self) -> str:
-        return f"the {self.role}" if self.role != "method" else f"method {self.name!r}"
-
-    def describe(self) -> dict:
-        ps = self.data.attrs.get("pixel_size", {})
-        return {
-            "name": self.name,
-            "role": self.role,
-            "spec": str(self.spec),
-            "path": str(self.spec.path.resolve()),
-            "channel": self.channel,
-            "shape": [int(n) for n in self.data.shape],
-            "dtype": str(self.data.dtype),
-            "stored_dtype": self.extra.get("stored_dtype", str(self.data.dtype)),
-            "pixel_size": {d: float(ps[d]) for d in ("y", "x") if d in ps},
-            "unit": (self.data.attrs.get("units") or {}).get("x"),
-            "normalization": None if self.lo is None else {"lo": self.lo, "hi": self.hi},
-            "provenance": self.provenance,
-        }
-
-
-def load_image(spec: "str | Path | ImageSpec | tuple", *, what: str = "image") -> tuple[xr.DataArray, str | None]:
-    """Open an image spec lazily as one 2-D ``(y, x)`` DataArray.
-
-    Parameters
-    ----------
-    spec : str, Path, ImageSpec or (path, channel)
-        ``PATH[:CHANNEL]``; see the module notes.
-    what : str
-        Names the image in error messages (e.g. ``"the target"``).
-
-    Returns
-    -------
-    (xarray.DataArray, str or None)
-        The plane (dask-backed; ``uint16`` predictions decoded to float32 with their stored scale and offset)
-        and the channel name.
-
-    Raises
-    ------
-    InputError
-        Not an image, or more than one z/t plane.
-    ChannelError
-        No channel given for a multi-channel image, or an unknown channel.
-    """
-    spec = ImageSpec.parse(spec)
-    img = open_image(spec.path)
-    channel = None
-    if "c" in img.dims:
-        names = [str(c) for c in img.coords["c"].values]
-        if spec.channel is None:
-            if len(names) != 1:
-                raise ChannelError(f"{what} {spec.path} has channels {names}; name one as {spec.path}:CHANNEL")
-            img = img.isel(c=0)
-        else:
-            try:
-                img = select_channels(img, [spec.channel]).isel(c=0)
-            except ChannelError as exc:
-                raise ChannelError(f"{what} {spec.path}: {exc}") from None
-        channel = str(img.coords["c"].values)
-        img = img.drop_vars("c")
-    elif spec.channel is not None:
-        raise ChannelError(f"{what} {spec.path} has no channel axis; drop ':{spec.channel}' from the spec")
-    for d in [d for d in img.dims if d not in ("y", "x")]:
-        if img.sizes[d] > 1:
-            raise InputError(f"{what} {spec.path} has {img.sizes[d]} planes along {d!r}; evaluate compares 2-D "
-                             "images, write the plane to compare as its own image first")
-        img = img.isel({d: 0}, drop=True)
-    img = img.transpose("y", "x")
-    u16 = (img.attrs.get("l2l_scale") or {}).get("uint16")
-    if u16 and img.dtype == np.uint16:
-        # 'l2l-scale predict --dtype uint16' stores value = stored * scale + offset.
-        scale, offset = np.float32(u16["scale"]), np.float32(u16["offset"])
-        img = (img.astype(np.float32) * scale + offset).assign_attrs(img.attrs, stored_dtype="uint16")
-    return img, channel
-
-
-def _pixel_size(img: xr.DataArray) -> tuple[float, float]:
-    ps = img.attrs.get("pixel_size") or {}
-    return float(ps.get("y", 1.0)), float(ps.get("x", 1.0))
-
-
-def _check_compatible(images: Sequence[_Image]) -> None:
-    """Every image has the target's shape and pixel size (the first image is the target)."""
-    ref = images[0]
-    rshape, rps = tuple(ref.data.shape), _pixel_size(ref.data)
-    for im in images[1:]:
-        shape, ps = tuple(im.data.shape), _pixel_size(im.data)
-        if shape != rshape:
-            raise InputError(f"{im.label} {im.spec} is {shape[0]}x{shape[1]} px but the target {ref.spec} is "
-                             f"{rshape[0]}x{rshape[1]} px; compare images of the same field (crop or register "
-                             "them first)")
-        if not np.allclose(ps, rps, rtol=1e-6, atol=0.0):
-            raise InputError(f"{im.label} {im.spec} has pixel size {ps[0]:g}x{ps[1]:g} but the target {ref.spec} "
-                             f"has {rps[0]:g}x{rps[1]:g}; compare images at the same resolution (same pyramid "
-                             "level and magnification)")
-
-
-# --------------------------------------------------------------------------------------------- difference maps
-
-
-def _radius(sigma: float, truncate: float) -> int:
-    """SciPy's Gaussian kernel radius, which is also the halo a tile needs."""
-    return int(truncate * float(sigma) + 0.5)
-
-
-def _as_dask(a: Any) -> da.Array:
-    a = a.data if isinstance(a, xr.DataArray) else a
-    return a if isinstance(a, da.Array) else da.from_array(np.asarray(a))
-
-
-def _rms_block(a: np.ndarray, b: np.ndarray, sigma: float, truncate: float) -> np.ndarray:
-    from scipy import ndimage
-
-    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
-    local = ndimage.gaussian_filter(d * d, sigma, truncate=truncate, mode="reflect")
-    return np.sqrt(np.maximum(local, 0.0)).astype(np.float32)
-
-
-def rms_map(a: Any, b: Any, *, sigma: float = 2.0, truncate: float = 4.0) -> da.Array:
-    """Local RMS difference ``sqrt(G_sigma * (a - b)^2)`` of two 2-D images, as a Dask graph.
-
-    Parameters
-    ----------
-    a, b : array_like
-        2-D images of one shape (numpy, dask or xarray), e.g. the normalised input and a restoration.
-    sigma : float
-        Gaussian sigma in px of the local mean (> 0).
-    truncate : float
-        Kernel radius in sigmas; the tile halo is ``int(truncate * sigma + 0.5)``.
-
-    Returns
-    -------
-    dask.array.Array
-        float32, in the units of ``a`` and ``b``; equals the whole-image SciPy filter (``mode='reflect'``).
-    """
-    if not (np.isfinite(sigma) and sigma > 0 and truncate > 0):
-        raise ConfigError(f"rms sigma={sigma} and truncate={truncate} must be positive; use e.g. --rms-sigma 2")
-    a, b = _as_dask(a), _as_dask(b).rechunk(_as_dask(a).chunks)
-    depth = _radius(sigma, truncate)
-    return da.map_overlap(_rms_block, a, b, depth=depth, boundary="reflect", dtype=np.float32,
-                          sigma=float(sigma), truncate=float(truncate))
-
-
-def _ssim_block(a: np.ndarray, b: np.ndarray, sigma: float, truncate: float, c1: float, c2: float) -> np.ndarray:
-    from scipy import ndimage
-
-    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-
-    def g(v: np.ndarray) -> np.ndarray:
-        return ndimage.gaussian_filter(v, sigma, truncate=truncate, mode="reflect")
-
-    mx, my = g(x), g(y)
-    vx = g(x * x) - mx * mx
-    vy = g(y * y) - my * my
-    cxy = g(x * y) - mx * my
-    s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
-    return s.astype(np.float32)
-
-
-def ssim_map(a: Any, b: Any, *, data_range: float = 1.0, sigma: float = 1.5, truncate: float = 3.5,
-             k1: float = 0.01, k2: float = 0.03) -> da.Array:
-    """Local SSIM map of two 2-D images (Gaussian window), as a Dask graph.
-
-    The map of ``skimage.metrics.structural_similarity(a, b, data_range=..., gaussian_weights=True, sigma=1.5,
-    use_sample_covariance=False, full=True)`` (its window radius is ``int(3.5 * 1.5 + 0.5) = 5``): 1 where the
-    images agree locally, lower where structure or contrast differs.
-
-    Parameters
-    ----------
-    a, b : array_like
-        2-D images of one shape.
-    data_range : float
-        Sets ``C1 = (k1 R)^2`` and ``C2 = (k2 R)^2`` (1 for percentile-normalised images).
-    sigma, truncate : float
-        Gaussian window; the tile halo is ``int(truncate * sigma + 0.5)``.
-    k1, k2 : float
-        SSIM constants.
-
-    Returns
-    -------
-    dask.array.Array
-        float32 in [-1, 1].
-    """
-    if not (np.isfinite(sigma) and sigma > 0 and truncate > 0 and data_range > 0):
-        raise ConfigError(f"ssim sigma={sigma}, truncate={truncate} and data_range={data_range} must be positive")
-    a, b = _as_dask(a), _as_dask(b).rechunk(_as_dask(a).chunks)
-    depth = _radius(sigma, truncate)
-    c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
-    return da.map_overlap(_ssim_block, a, b, depth=depth, boundary="reflect", dtype=np.float32,
-                          sigma=float(sigma), truncate=float(truncate), c1=c1, c2=c2)
-
-
-# ------------------------------------------------------------------------------------------------ the metrics
 
 
 def _whole_image_metrics(pairs: Sequence[tuple[da.Array, da.Array, float]]) -> list[dict[str, float]]:
@@ -401,21 +119,19 @@ def _whole_image_metrics(pairs: Sequence[tuple[da.Array, da.Array, float]]) -> l
     here lets one pass over the data serve every pair (each source chunk is read once). The tolerance level is
     a separate pass per pair (its public function).
     """
-    from l2l_scale.evaluate import metrics as m
+    from l2l_scale.evaluate.blockwise import _run
+    from l2l_scale.evaluate.metrics import TABLE1_KEYS, _table1_plans
+    from l2l_scale.evaluate.pixel import _pcc_plan, tolerance_level
 
     plans = []
     for t, p, r in pairs:
-        plans += [m._psnr_plan(t, p, r), m._nrmse_plan(t, p, "min-max")]
-        for scales in (5, 3, 1):
-            w, f = m.MS_SSIM_PRESETS[scales]
-            plans.append(m._ms_ssim_plan(t, p, w, f, 1.5, 0.01, 0.03, r, relu=True))
-        plans.append(m._pcc_plan(t, p, None))
-    values = m._run(plans) if plans else []
+        plans += _table1_plans(t, p, r) + [_pcc_plan(t, p, None)]
+    values = _run(plans) if plans else []
     out = []
     for i, (t, p, r) in enumerate(pairs):
         v = values[6 * i: 6 * i + 6]
-        row = dict(zip(("psnr", "nrmse", "ms_ssim_5", "ms_ssim_3", "ms_ssim_1", "pcc"), (float(x) for x in v)))
-        row["tolerance_level"] = float(m.tolerance_level(t, p, data_range=r).value)
+        row = dict(zip(TABLE1_KEYS + ("pcc",), (float(x) for x in v)))
+        row["tolerance_level"] = float(tolerance_level(t, p, data_range=r).value)
         out.append(row)
     return out
 
@@ -423,16 +139,13 @@ def _whole_image_metrics(pairs: Sequence[tuple[da.Array, da.Array, float]]) -> l
 def _fitted_image_metrics(pairs: Sequence[tuple[da.Array, da.Array, float]],
                           coefs: Sequence[tuple[float, float]]) -> list[dict[str, float]]:
     """PSNR, NRMSE and MS-SSIM (M=5, 3, 1) of every pair after the affine fit ``alpha * image + beta``."""
-    from l2l_scale.evaluate import metrics as m
+    from l2l_scale.evaluate.blockwise import _run
+    from l2l_scale.evaluate.metrics import _table1_plans
 
     plans = []
     for (t, p, r), (alpha, beta) in zip(pairs, coefs):
-        q = (p.astype(np.float64) * alpha + beta).astype(np.float32)
-        plans += [m._psnr_plan(t, q, r), m._nrmse_plan(t, q, "min-max")]
-        for scales in (5, 3, 1):
-            w, f = m.MS_SSIM_PRESETS[scales]
-            plans.append(m._ms_ssim_plan(t, q, w, f, 1.5, 0.01, 0.03, r, relu=True))
-    values = m._run(plans) if plans else []
+        plans += _table1_plans(t, (p.astype(np.float64) * alpha + beta).astype(np.float32), r)
+    values = _run(plans) if plans else []
     return [dict(zip(FIT_COLUMNS, (float(x) for x in values[5 * i: 5 * i + 5]))) for i in range(len(pairs))]
 
 
@@ -478,14 +191,6 @@ def _data_range(target: da.Array, mode: str, data_range: float | None) -> float:
     if data_range is not None:
         return resolve_data_range(target, data_range)
     return 1.0 if mode == "percentile" else resolve_data_range(target, None)
-
-
-def _cut(arrays: Sequence[da.Array], corners: np.ndarray, size: int) -> list[np.ndarray]:
-    """The patches at ``corners`` of every array, in one compute (shared chunks are read once)."""
-    pieces = [a[r:r + size, c:c + size] for a in arrays for r, c in corners]
-    pieces = list(dask.compute(*pieces))
-    k = len(corners)
-    return [np.stack(pieces[i * k:(i + 1) * k]) for i in range(len(arrays))]
 
 
 def _empty_row(name: str, role: str, reference: str, region: str, n: int | None) -> dict:
@@ -611,6 +316,7 @@ def evaluate(target: Any, restorations: Mapping[str, Any] | Sequence[Any], outpu
         The results folder exists (without ``overwrite``) or overlaps an input.
     """
     from l2l_scale.evaluate.metrics import contrast, foreground_patches
+    from l2l_scale.evaluate.sampling import cut_patches
     from l2l_scale.evaluate.scale import affine_coefficients_many
     from l2l_scale.preprocess.contrast import image_contrast
     from l2l_scale.preprocess.normalize import parse_percentiles
@@ -700,7 +406,7 @@ def evaluate(target: Any, restorations: Mapping[str, Any] | Sequence[Any], outpu
         raw_t = tgt.data.data
         corners = foreground_patches(raw_t, raw_t, patch_size=psize, n=n_patches, threshold=threshold,
                                      seed=seed).corners
-        cut = dict(zip([im.name for im in everything], _cut([im.norm for im in everything], corners, psize)))
+        cut = dict(zip([im.name for im in everything], cut_patches([im.norm for im in everything], corners, psize)))
         for (ref_name, name) in keys:
             patch_rows[(ref_name, name)] = _patch_metrics(cut[ref_name], cut[name], ranges[ref_name],
                                                           fits[(ref_name, name)])

@@ -87,7 +87,7 @@ def resolve_model(path: str | os.PathLike) -> Path:
     kind = model_kind(p)
     if kind in ("folder", "unknown"):
         return p
-    from l2l_scale.model.unet import sha256_file
+    from l2l_scale.model.loading import sha256_file
 
     digest = sha256_file(p) if p.is_file() else _folder_digest(p)
     target = cache_dir() / f"{kind}-{digest[:24]}"
@@ -137,7 +137,7 @@ def _safe_extract(zip_path: Path, dest: Path) -> Path:
 def _spec_from_layers(convs: dict[str, tuple[int, ...]], head: str, *, residual: bool, last_activation: str,
                       probabilistic: bool, source: Path):
     """The ModelSpec of a CSBDeep U-Net from its conv layers' kernel shapes ``(kh, kw, c_in, c_out)``."""
-    from l2l_scale.model.unet import ModelSpec, _layer_plan
+    from l2l_scale.model.spec import ModelSpec, _layer_plan
 
     downs = [int(m.group(1)) for n in convs if (m := _DOWN.match(n))]
     if "down_level_0_no_0" not in convs:
@@ -162,7 +162,7 @@ def _spec_from_layers(convs: dict[str, tuple[int, ...]], head: str, *, residual:
 
 
 def _export(model, spec, out: Path, meta: dict) -> None:
-    from l2l_scale.model.unet import export_model
+    from l2l_scale.model.export import export_model
 
     export_model(model, spec, out, metadata=meta)
 
@@ -199,7 +199,9 @@ def _from_bioimageio(src: Path, work: Path, out: Path, digest: str) -> None:
     attached = [_local_file(folder, a.source, src) for a in descr.attachments] if isinstance(descr, v0_5.ModelDescr) \
         else []
     config = next((a for a in attached if a.name == "config.json"), None)
-    from l2l_scale.model.unet import _check_h5, build_unet, read_spec
+    from l2l_scale.model.build import build_unet
+    from l2l_scale.model.safety import _check_h5
+    from l2l_scale.model.spec import read_spec
 
     _check_h5(h5)  # refuses Lambda layers and custom objects before anything is built
     if config is not None:
@@ -340,7 +342,8 @@ def _from_savedmodel(src: Path, work: Path, out: Path, digest: str) -> None:
                          f"{len(softplus)}; not a CSBDeep CARE graph")
     spec = _spec_from_layers(convs, heads[0], residual=residual, last_activation=last,
                              probabilistic=probabilistic, source=src)
-    from l2l_scale.model.unet import _layer_plan, build_unet
+    from l2l_scale.model.build import build_unet
+    from l2l_scale.model.spec import _layer_plan
 
     model = build_unet(spec)
     names = {}
