@@ -157,7 +157,8 @@ def convert(inputs: Sequence[str | Path] | str | Path, output: str | Path, *, pl
         A regular expression searched in each file name, with named groups ``row`` and ``col`` (or ``well``)
         and ``field``, e.g. ``(?P<row>[A-H])(?P<col>\\d+)_f(?P<field>\\d+)``; the files become one plate.
     axes, pixel_size, channel_names, chunks
-        As in :func:`read_tiff`; applied to every file. ``chunks`` is also the written y/x chunk size.
+        As in :func:`~l2l_scale.io.tiff.read_tiff`; applied to every file. ``chunks`` is also the written y/x
+        chunk size.
     overwrite : bool
         Replace an existing output.
 

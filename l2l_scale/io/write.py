@@ -305,7 +305,7 @@ def write_image(data: Any, path: str | Path, *, dims: Sequence[str] | None = Non
     chunks : int or mapping, optional
         y/x chunk size (default 1024; 1 on other axes), or a per-dim mapping.
     provenance : mapping, optional
-        Stored as the ``l2l_scale`` attribute (see :func:`provenance`).
+        Stored as the ``l2l_scale`` attribute (see :func:`l2l_scale.io.prov.provenance`).
     overwrite, resume : bool
         Replace an existing output / continue an interrupted write of the same data.
     inputs : sequence of path
