@@ -11,10 +11,12 @@ from scipy import ndimage
 from skimage.filters import window
 from skimage.registration import phase_cross_correlation
 
-from l2l_scale import synthetic
+from l2l_scale.synthetic import image as synthetic
 from l2l_scale.errors import ConfigError
 from l2l_scale.preprocess.contrast import label_contrast
-from l2l_scale.synthetic import STRUCTURES, _foreground_psnr, _render_block, channel_names, simulate
+from l2l_scale.synthetic import STRUCTURES, channel_names, simulate
+from l2l_scale.synthetic.calibration import _foreground_psnr
+from l2l_scale.synthetic.render import _render_block
 
 L2L = ["actin", "tubulin", "adhesions", "caveolae"]
 
@@ -171,7 +173,8 @@ def test_drift_is_recovered_by_phase_correlation():
 def test_drift_shifts_the_geometry_exactly():
     """With an integer drift the noise-free repeat is the input moved by exactly that many pixels."""
     spec = STRUCTURES["tubulin"]
-    from l2l_scale.synthetic import _expected, _tiles_for
+    from l2l_scale.synthetic.render import _expected
+    from l2l_scale.synthetic.tiles import _tiles_for
 
     oy = ox = 0
     tiles = _tiles_for(spec, 0, oy - 40, oy + 340, ox - 40, ox + 340)

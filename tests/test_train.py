@@ -444,7 +444,7 @@ def test_resume_after_kill_continues_from_the_last_epoch(data):
 
 def _cytosol_mask(structure: str, seed: int, size: int) -> np.ndarray:
     """Inside-cell mask of a simulated field, from the simulator's own cell geometry."""
-    from l2l_scale import synthetic as syn
+    from l2l_scale.synthetic import render as syn
 
     spec = syn.STRUCTURES[structure]
     tiles = syn._tiles_for(spec, seed, 0, size, 0, size)

@@ -119,7 +119,7 @@ _TRUNCATE = 4.0
 
 
 def _dask2d(image: Any) -> da.Array:
-    from l2l_scale.preprocess.drift import _dask2d as to2d
+    from l2l_scale.preprocess.drift.shift import _dask2d as to2d
 
     return to2d(image)
 
@@ -547,7 +547,7 @@ def run_baseline(method: str, input: str | Path, output: str | Path, *, channels
     from l2l_scale.io.output import check_output
     from l2l_scale.io.prov import provenance
     from l2l_scale.io.read import dataset_kind, list_images, open_image, select_channels
-    from l2l_scale.preprocess.drift import _plane_image, _yx_chunk, write_dataset
+    from l2l_scale.preprocess.dataset import _plane_image, _yx_chunk, write_dataset
 
     params = resolve_parameters(method, preset, **overrides)
     channels = [str(c) for c in channels]
