@@ -36,7 +36,7 @@ PATCH = 128
 
 
 def _make_store(base: Path, fields: int) -> Path:
-    from l2l_scale.io.ome_zarr import write_plate
+    from l2l_scale.io.write import write_plate
     from l2l_scale.patches import create_patches
     from l2l_scale.synthetic import simulate
 

@@ -93,20 +93,20 @@ def _make_empty_plate(path: Path, fields: int, size: int) -> Path:
     """Plate metadata and empty arrays only: what the planner reads, without terabytes of pixels."""
     import zarr
 
-    from l2l_scale.io import ome_zarr as oz
+    from l2l_scale.io.write import create_image_group, default_chunks, split_field_key, write_plate_layout
 
     root = zarr.open_group(str(path), mode="w", zarr_format=3)
     layout: dict[tuple[str, str], list[str]] = {}
     keys = _field_keys(fields)
     for key in keys:
-        r, c, f = oz.split_field_key(key)
+        r, c, f = split_field_key(key)
         layout.setdefault((r, c), []).append(f)
-    oz.write_plate_layout(root, layout, name=path.stem)
+    write_plate_layout(root, layout, name=path.stem)
     dims, shape = ("c", "y", "x"), (1, size, size)
     for key in keys:
         group = zarr.open_group(str(path / key), mode="w", zarr_format=3)
-        oz.create_image_group(group, dims, shape, np.dtype("uint16"), oz.default_chunks(shape, dims), {"y": 1.0, "x": 1.0},
-                              [CHANNEL], name=key.replace("/", "-"), attrs_extra=None)
+        create_image_group(group, dims, shape, np.dtype("uint16"), default_chunks(shape, dims), {"y": 1.0, "x": 1.0},
+                           [CHANNEL], name=key.replace("/", "-"), attrs_extra=None)
     return path
 
 
@@ -151,7 +151,8 @@ def _child_case(model: Path, image: Path, plate: Path, warm: Path, out: Path, re
     import shutil
 
     from l2l_scale.cluster import config_from_options, dask_client
-    from l2l_scale.io import ome_zarr as oz
+    from l2l_scale.io.output import PROGRESS_DIR
+    from l2l_scale.io.read import list_images
     from l2l_scale.predict import predict
     from l2l_scale.preprocess.normalize import dataset_stats
 
@@ -160,7 +161,7 @@ def _child_case(model: Path, image: Path, plate: Path, warm: Path, out: Path, re
 
     def counting_rmtree(path, *args, **kwargs):
         # atomic_output removes the completion records just before the final rename: count them there.
-        if Path(path).name == oz.PROGRESS_DIR and Path(path).exists():
+        if Path(path).name == PROGRESS_DIR and Path(path).exists():
             res[current]["records"] = _count_files(Path(path))
         return rmtree(path, *args, **kwargs)
 
@@ -191,7 +192,7 @@ def _child_case(model: Path, image: Path, plate: Path, warm: Path, out: Path, re
     report = {}
     for current, data in (("image", image), ("plate", plate)):
         r, target = res[current], out / f"out_{current}.zarr"
-        n, files = len(oz.list_images(data)), _count_files(target)
+        n, files = len(list_images(data)), _count_files(target)
         report[current] = {
             "fields": n, "stats_s": round(min(r["stats"]), 3), "predict_s": round(min(r["predict"]), 3),
             "stats_all_s": [round(v, 3) for v in r["stats"]], "predict_all_s": [round(v, 3) for v in r["predict"]],

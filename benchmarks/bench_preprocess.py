@@ -36,7 +36,7 @@ DRIFT = (3.4, -2.2)
 
 def _write_input(path: Path, size: int, chunk: int) -> float:
     from l2l_scale.cluster import config_from_options, dask_client
-    from l2l_scale.io.ome_zarr import write_image
+    from l2l_scale.io.write import write_image
     from l2l_scale.synthetic import simulate
 
     t0 = time.perf_counter()

@@ -73,7 +73,7 @@ def _say(msg: str) -> None:
 
 def _data(base: Path, structure: str, n_train: int, n_test: int, size: int) -> dict:
     """Training plate (OME-Zarr) + the same pairs and the held-out pairs as numpy arrays."""
-    from l2l_scale.io.ome_zarr import write_plate
+    from l2l_scale.io.write import write_plate
     from l2l_scale.synthetic import STRUCTURES as SPECS
     from l2l_scale.synthetic import simulate
 

@@ -29,7 +29,7 @@ from zarr.codecs import BloscCodec, BloscShuffle
 from l2l_scale.config import PatchConfig
 from l2l_scale.errors import InputError
 from l2l_scale.io import journal
-from l2l_scale.io import ome_zarr as oz
+from l2l_scale.io.output import partial_path
 
 FORMAT_VERSION = 1
 ATTRS_KEY = "l2l_scale_patches"
@@ -155,7 +155,7 @@ def open_patches(path: str | Path) -> PatchStore:
     """
     path = Path(path)
     if not path.exists():
-        partial = oz.partial_path(path)
+        partial = partial_path(path)
         hint = (f"; {partial} holds an unfinished run, finish it with 'l2l-scale patches ... --resume'"
                 if partial.exists() else "; create it with 'l2l-scale patches'")
         raise InputError(f"patch store {path} does not exist{hint}")

@@ -34,7 +34,9 @@ import zarr
 from l2l_scale.config import PatchConfig, patch_config
 from l2l_scale.errors import ChannelError, ConfigError, InputError
 from l2l_scale.io import journal
-from l2l_scale.io import ome_zarr as oz
+from l2l_scale.io.output import PROGRESS_DIR, atomic_output, check_output, check_run
+from l2l_scale.io.prov import provenance
+from l2l_scale.io.read import list_images, open_image, select_channels
 from l2l_scale.io.atomic import say as _say, write_json
 from l2l_scale.io.blockwrite import RECORDS
 from l2l_scale.patch_sampling import SAMPLED_HIGH, SAMPLED_LOW, _GRID_HIGH, _GRID_LOW, _image_task, _region_size
@@ -67,7 +69,7 @@ def _percentile_grid(images: list, progress: Path) -> dict:
         return json.loads(cached.read_text())
     grid = {}
     for im in images:
-        data = oz.select_channels(oz.open_image(im.path), im.input_names + im.target_names)
+        data = select_channels(open_image(im.path), im.input_names + im.target_names)
         plane = data.isel({d: 0 for d in ("t", "z") if d in data.dims})
         v = percentiles(plane, list(_GRID_LOW + _GRID_HIGH), channel_axis="c")
         grid[im.key] = {"low": v[:, :len(_GRID_LOW)].tolist(), "high": v[:, len(_GRID_LOW):].tolist()}
@@ -94,7 +96,7 @@ def _inspect(refs: list, cfg: PatchConfig) -> list[_Image]:
     """Open every image lazily, resolve channels and check shapes before any work starts."""
     images = []
     for i, ref in enumerate(refs):
-        img = oz.open_image(ref.path)
+        img = open_image(ref.path)
         label = ref.key or str(ref.path)
         if not {"y", "x"} <= set(img.dims):
             raise InputError(f"{ref.path}: image has no y/x axes; l2l-scale samples 2D patches")
@@ -106,8 +108,8 @@ def _inspect(refs: list, cfg: PatchConfig) -> list[_Image]:
             raise ChannelError(f"{ref.path}: image has no channel axis; a training pair needs input and target "
                                "channels in one image")
         names = [str(c) for c in img.coords["c"].values]
-        ins = [str(c) for c in oz.select_channels(img, cfg.input_channels).coords["c"].values]
-        tgs = [str(c) for c in oz.select_channels(img, cfg.target_channels).coords["c"].values]
+        ins = [str(c) for c in select_channels(img, cfg.input_channels).coords["c"].values]
+        tgs = [str(c) for c in select_channels(img, cfg.target_channels).coords["c"].values]
         if set(ins) & set(tgs):
             raise ChannelError(f"image {label!r}: channel(s) {sorted(set(ins) & set(tgs))} are both input and "
                                "target; choose different --input-channel and --target-channel")
@@ -229,8 +231,8 @@ def create_patches(dataset: str | Path, output: str | Path, config: PatchConfig 
     if config is not None and values:
         raise ConfigError("pass either a PatchConfig or keyword settings, not both")
     dataset, output = Path(dataset), Path(output)
-    refs = oz.list_images(dataset)
-    oz.check_output(output, overwrite=overwrite, inputs=[dataset])
+    refs = list_images(dataset)
+    check_output(output, overwrite=overwrite, inputs=[dataset])
     images = _inspect(refs, cfg)
     in_names, tg_names = images[0].input_names, images[0].target_names
     for im in images[1:]:
@@ -242,13 +244,13 @@ def create_patches(dataset: str | Path, output: str | Path, config: PatchConfig 
     chunk = _chunk_patches(cfg, max(len(in_names), len(tg_names)))
     val_images = _split_images(images, cfg)
 
-    with oz.atomic_output(output, overwrite=overwrite, resume=resume, inputs=[dataset]) as tmp:
+    with atomic_output(output, overwrite=overwrite, resume=resume, inputs=[dataset]) as tmp:
         root = zarr.open_group(str(tmp), mode="a", zarr_format=3)
-        progress = tmp / oz.PROGRESS_DIR
+        progress = tmp / PROGRESS_DIR
         stage_dir = progress / "staging"
         run = {"dataset": str(dataset.resolve()), "images": [im.key or str(im.path) for im in images],
                "config": cfg.model_dump(mode="json"), "format": FORMAT_VERSION, "chunk_patches": chunk}
-        oz.check_run(progress, run, output, resume)
+        check_run(progress, run, output, resume)
         stage_dir.mkdir(parents=True, exist_ok=True)
         stats = _norm_stats(dataset, cfg, all_names, progress)
         levels = _filter_levels(dataset, cfg, stats, sorted({n for im in images for n in im.target_names}), progress)
@@ -353,7 +355,7 @@ def create_patches(dataset: str | Path, output: str | Path, config: PatchConfig 
             "preset": cfg.preset,
             "config": cfg_d,
         }
-        root.attrs.update({ATTRS_KEY: meta, "l2l_scale": oz.provenance(cfg_d, str(dataset))})
+        root.attrs.update({ATTRS_KEY: meta, "l2l_scale": provenance(cfg_d, str(dataset))})
         _say(f"{N} patches ({n_train} training, {N - n_train} validation) of {p}x{p} px from "
              f"{sum(1 for c in counts if c)} image(s)")
     return output

@@ -36,7 +36,18 @@ import zarr
 
 from l2l_scale.errors import ChannelError, ConfigError, InputError
 from l2l_scale.io import journal
-from l2l_scale.io import ome_zarr as oz
+from l2l_scale.io.output import PROGRESS_DIR, atomic_output, check_output, check_run
+from l2l_scale.io.prov import provenance
+from l2l_scale.io.read import DIM_ORDER, channel_indices, dataset_kind, image_meta, list_images, read_region
+from l2l_scale.io.write import (
+    LevelPlan,
+    create_image_group,
+    default_chunks,
+    pyramid_shapes,
+    reopen_image_group,
+    split_field_key,
+    write_plate_layout,
+)
 from l2l_scale.io.blockwrite import finish_block
 from l2l_scale.io.chunks import cached_array
 
@@ -228,8 +239,8 @@ def _prepare_block(task: dict, plane: dict, region: tuple, record: Any) -> _Prep
     y_idx = _reflect_index(np.arange(ty[0][2], ty[-1][3]) - ay, H)
     x_idx = _reflect_index(np.arange(tx[0][2], tx[-1][3]) - ax, W)
     ylo, yhi, xlo, xhi = int(y_idx.min()), int(y_idx.max()) + 1, int(x_idx.min()), int(x_idx.max()) + 1
-    raw = np.stack([oz.read_region(src, _index(task["src_dims"], plane, c, slice(ylo, yhi), slice(xlo, xhi)),
-                                   task["input"]) for c in task["channels"]], axis=-1)
+    raw = np.stack([read_region(src, _index(task["src_dims"], plane, c, slice(ylo, yhi), slice(xlo, xhi)),
+                                task["input"]) for c in task["channels"]], axis=-1)
     raw = raw[y_idx - ylo][:, x_idx - xlo]
     if raw.dtype.kind == "f" and not np.isfinite(raw).all():
         raise InputError(f"{task['input']}: image contains NaN or Inf; replace them (e.g. with 0) before predicting")
@@ -382,15 +393,15 @@ def predict(model: str | Path, input: str | Path, output: str | Path, *, channel
     out_names = _output_names(in_names, meta, spec)
     q = parse_percentiles(percentiles if percentiles is not None else
                           (meta.get("normalization") or {}).get("percentiles") or DEFAULT_PERCENTILES)
-    kind = oz.dataset_kind(input_path)
-    refs = oz.list_images(input_path)
-    oz.check_output(output, overwrite=overwrite, inputs=[input_path])  # fail before computing statistics
+    kind = dataset_kind(input_path)
+    refs = list_images(input_path)
+    check_output(output, overwrite=overwrite, inputs=[input_path])  # fail before computing statistics
     images = {}
     for ref in refs:
-        img = oz.image_meta(ref.path)  # metadata only: planning a field costs well under a millisecond
+        img = image_meta(ref.path)  # metadata only: planning a field costs well under a millisecond
         if not {"y", "x"} <= set(img.dims):
             raise InputError(f"{ref.path}: image has no y/x axes; l2l-scale restores 2D planes")
-        oz.channel_indices(img.channel_names if "c" in img.dims else ["0"], in_names)  # clear error for bad names
+        channel_indices(img.channel_names if "c" in img.dims else ["0"], in_names)  # clear error for bad names
         images[ref.key] = img
     norm = _norm_values(input_path, refs, in_names, q, norm_scope, norm_stats)
     checksum = sha256_file(weights_file)
@@ -410,33 +421,33 @@ def predict(model: str | Path, input: str | Path, output: str | Path, *, channel
             gpath = _out_group_path(tmp, ref, kind)
             src_dims = tuple(img.dims)
             sizes = {"c": spec.n_channel_out, **{d: n for d, n in img.sizes.items() if d != "c"}}
-            dims = tuple(d for d in oz.DIM_ORDER if d in sizes)  # the output always has a channel axis
+            dims = tuple(d for d in DIM_ORDER if d in sizes)  # the output always has a channel axis
             out_shape = tuple(sizes[d] for d in dims)
-            out_chunks = oz.default_chunks(out_shape, dims, chunk)
+            out_chunks = default_chunks(out_shape, dims, chunk)
             if dry:
-                plans = [oz.LevelPlan(str(i), s, tuple(min(c, n) for c, n in zip(out_chunks, s)))
-                         for i, s in enumerate(oz.pyramid_shapes(out_shape, dims))]
+                plans = [LevelPlan(str(i), s, tuple(min(c, n) for c, n in zip(out_chunks, s)))
+                         for i, s in enumerate(pyramid_shapes(out_shape, dims))]
             elif resume and (gpath / "zarr.json").exists() and "ome" in zarr.open_group(str(gpath), mode="r").attrs:
-                _, plans = oz.reopen_image_group(gpath)
+                _, plans = reopen_image_group(gpath)
             else:
-                prov = oz.provenance(params, str(ref.path), model=model_prov,
-                                     normalization={"percentiles": list(q), "scope": norm_scope,
-                                                    "values": {ch: list(v) for ch, v in lo_hi.items()},
-                                                    "output_units": "normalised (input percentiles -> 0, 1)"},
-                                     **uint16_prov)
+                prov = provenance(params, str(ref.path), model=model_prov,
+                                  normalization={"percentiles": list(q), "scope": norm_scope,
+                                                 "values": {ch: list(v) for ch, v in lo_hi.items()},
+                                                 "output_units": "normalised (input percentiles -> 0, 1)"},
+                                  **uint16_prov)
                 # The root image of a single-image output holds the progress folder: it is never cleared.
                 if gpath != tmp and gpath.exists():
                     shutil.rmtree(gpath)
-                plans = oz.create_image_group(gpath, dims, out_shape, np.dtype(dtype), out_chunks,
-                                              img.pixel_size, out_names,
-                                              name=gpath.name.removesuffix(".zarr"),
-                                              attrs_extra={"l2l_scale": prov}, fill_value=0)
+                plans = create_image_group(gpath, dims, out_shape, np.dtype(dtype), out_chunks,
+                                           img.pixel_size, out_names,
+                                           name=gpath.name.removesuffix(".zarr"),
+                                           attrs_extra={"l2l_scale": prov}, fill_value=0)
             image = writer.image(ref.key, gpath, plans, dims, out_names)
             # One shared description per image: each block task carries only its plane and region.
             ctx = dict({"model": str(model_dir), "weights": weights_file.name, "input": str(ref.path),
                            "src_store": str(ref.path), "src_path": img.array, "src_dims": src_dims,
                            "dst_store": str(gpath), "dst_dims": dims,
-                           "channels": oz.channel_indices(img.channel_names or ["0"], in_names),
+                           "channels": channel_indices(img.channel_names or ["0"], in_names),
                            "lo": [lo_hi[c][0] for c in in_names], "hi": [lo_hi[c][1] for c in in_names],
                            "hw": (img.sizes["y"], img.sizes["x"]), "grid": plan.grid, "tile": plan.tile,
                            "halo": plan.halo, "batch": plan.batch, "n_out": spec.n_channel_out, "uint16": uint16,
@@ -466,21 +477,21 @@ def predict(model: str | Path, input: str | Path, output: str | Path, *, channel
     model_prov = {"path": str(model_dir.resolve()), "weights": weights_file.name, "sha256": checksum, "metadata": meta}
     uint16_prov = ({"uint16": {"scale": uint16[0], "offset": uint16[1], "meaning": "value = stored * scale + offset"}}
                    if uint16 else {})
-    with oz.atomic_output(output, overwrite=overwrite, resume=resume, inputs=[input_path]) as tmp:
-        progress = tmp / oz.PROGRESS_DIR
+    with atomic_output(output, overwrite=overwrite, resume=resume, inputs=[input_path]) as tmp:
+        progress = tmp / PROGRESS_DIR
         run = {"model_checksum": checksum, "input": str(input_path.resolve()), **params}
         if resume:
-            oz.check_run(progress, run, output, resume)  # before anything is written
+            check_run(progress, run, output, resume)  # before anything is written
         if kind == "plate":
             layout: dict[tuple[str, str], list[str]] = {}
             for ref in refs:
-                r, c, f = oz.split_field_key(ref.key)
+                r, c, f = split_field_key(ref.key)
                 layout.setdefault((r, c), []).append(f)
             root = zarr.open_group(str(tmp), mode="a", zarr_format=3)
-            oz.write_plate_layout(root, layout, name=output.name.removesuffix(".zarr"))
+            write_plate_layout(root, layout, name=output.name.removesuffix(".zarr"))
         elif kind == "image" and not (resume and (tmp / "zarr.json").exists()):
             zarr.open_group(str(tmp), mode="w", zarr_format=3)  # clears the folder before the records go in
-        oz.check_run(progress, run, output, False)
+        check_run(progress, run, output, False)
         writer = BlockWriter(progress)
         compute_waves(units(tmp, writer, False), "predicting blocks", n_units=len(refs),
                       unit_name="fields" if kind == "plate" else "images", resources=resources)

@@ -183,7 +183,7 @@ def _export(model: Any, spec: Any, model_dir: Path, cfg: TrainConfig, loss_spec:
 
 def _metadata(store, cfg: TrainConfig, loss_spec, info: dict, history: list, best: dict, stopped_early: bool,
               patches: Path) -> dict:
-    from l2l_scale.io.ome_zarr import provenance
+    from l2l_scale.io.prov import provenance
 
     norm = store.meta.get("normalization") or {}
     return {

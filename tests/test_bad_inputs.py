@@ -19,7 +19,9 @@ import tifffile
 import xarray as xr
 import zarr
 
-from l2l_scale.io import ome_zarr as oz
+from l2l_scale.io.output import partial_path
+from l2l_scale.io.read import read_info
+from l2l_scale.io.write import write_image
 
 pytestmark = pytest.mark.timeout(300)
 THREADS = ("--scheduler", "threads")
@@ -40,7 +42,7 @@ def refused(res, *words):
 
 def nothing_written(*paths):
     for p in paths:
-        assert not Path(p).exists() and not oz.partial_path(Path(p)).exists()
+        assert not Path(p).exists() and not partial_path(Path(p)).exists()
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +51,8 @@ def env(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("bad")
     data = np.random.default_rng(0).poisson(500, (2, 96, 128)).astype(np.uint16)
-    img = oz.write_image(xr.DataArray(data, dims=("c", "y", "x"), coords={"c": ["AC-15", "phalloidin"]}),
-                         tmp / "img.zarr", chunks=64)
+    img = write_image(xr.DataArray(data, dims=("c", "y", "x"), coords={"c": ["AC-15", "phalloidin"]}),
+                      tmp / "img.zarr", chunks=64)
     spec = ModelSpec(n_dim=2, n_channel_in=1, n_channel_out=1, unet_n_depth=1, unet_kern_size=3, unet_n_first=8,
                      unet_last_activation="linear", unet_residual=True, probabilistic=False, axes="YXC")
     model = export_model(build_unet(spec), spec, tmp / "model", metadata={"channels": {"input": ["AC-15"]}})
@@ -95,7 +97,7 @@ def test_nan_or_inf(env):
     tmp, _, model = env
     data = np.ones((1, 64, 64), np.float32)
     data[0, 5, 5] = np.inf
-    img = oz.write_image(xr.DataArray(data, dims=("c", "y", "x"), coords={"c": ["AC-15"]}), tmp / "inf.zarr")
+    img = write_image(xr.DataArray(data, dims=("c", "y", "x"), coords={"c": ["AC-15"]}), tmp / "inf.zarr")
     refused(run("stats", img, *THREADS), "NaN or Inf")
     refused(run("predict", model, img, tmp / "o.zarr", "--percentiles", "1,99", *THREADS), "NaN or Inf")
     nothing_written(tmp / "o.zarr")
@@ -114,8 +116,8 @@ def test_empty_images(env):
     refused(run("predict", model, empty, tmp / "o.zarr", *THREADS), "empty")
     zeros = np.zeros((2, 64, 64), np.uint16)
     zeros[1] = np.random.default_rng(1).poisson(100, (64, 64))
-    blank = oz.write_image(xr.DataArray(zeros, dims=("c", "y", "x"), coords={"c": ["AC-15", "phalloidin"]}),
-                           tmp / "blank.zarr")
+    blank = write_image(xr.DataArray(zeros, dims=("c", "y", "x"), coords={"c": ["AC-15", "phalloidin"]}),
+                        tmp / "blank.zarr")
     refused(run("predict", model, blank, tmp / "o.zarr", *THREADS), "constant")
     refused(run("contrast", blank, "--channels", "AC-15,phalloidin", *THREADS), "constant")
     nothing_written(tmp / "o.zarr")
@@ -176,5 +178,5 @@ def test_paths_with_spaces_and_unicode(env):
     out = folder / "wiederhergestellt ß.zarr"
     res = run("predict", model, sim, out, "--channel", "AC-15", *THREADS)
     assert res.returncode == 0, res.stderr
-    assert oz.read_info(out)["channels"] == ["AC-15-restored"]
+    assert read_info(out)["channels"] == ["AC-15-restored"]
     assert json.loads(run("info", "--json", out).stdout)["path"] == str(out)

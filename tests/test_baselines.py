@@ -15,7 +15,8 @@ from skimage.exposure import equalize_adapthist
 from skimage.restoration import rolling_ball as sk_rolling_ball
 
 from l2l_scale.errors import ConfigError, InputError
-from l2l_scale.io.ome_zarr import open_image, write_image
+from l2l_scale.io.read import open_image
+from l2l_scale.io.write import write_image
 from l2l_scale.preprocess import baselines as bl
 from l2l_scale.synthetic import simulate
 
@@ -180,13 +181,15 @@ def test_interrupted_plate_baseline_resumes_only_missing_blocks(tmp_path, monkey
     import xarray as xr
 
     from l2l_scale.io import blockwrite as bw
-    from l2l_scale.io import ome_zarr as oz
+    from l2l_scale.io.output import PROGRESS_DIR, partial_path
+    from l2l_scale.io.read import open_image
+    from l2l_scale.io.write import write_plate
     from l2l_scale.preprocess.baselines import run_baseline
 
     rng = np.random.default_rng(3)
     fields = {f"A/{i + 1}/0": xr.DataArray(rng.integers(0, 4000, (1, 96, 96), dtype=np.uint16), dims=("c", "y", "x"),
                                            coords={"c": ["AC-15"]}) for i in range(3)}
-    plate = oz.write_plate(fields, tmp_path / "in.zarr", chunks=32)
+    plate = write_plate(fields, tmp_path / "in.zarr", chunks=32)
     with dask.config.set(scheduler="synchronous"):
         ref = run_baseline("gaussian", plate, tmp_path / "ref.zarr", channels=["AC-15"], sigma=2.0)
         calls, write, dead = [], bw.write_block, []
@@ -202,11 +205,11 @@ def test_interrupted_plate_baseline_resumes_only_missing_blocks(tmp_path, monkey
         out = tmp_path / "out.zarr"
         with pytest.raises(RuntimeError, match="killed"):
             run_baseline("gaussian", plate, out, channels=["AC-15"], sigma=2.0, resume=True)
-        progress = oz.partial_path(out) / oz.PROGRESS_DIR
+        progress = partial_path(out) / PROGRESS_DIR
         assert len(bw.recorded(progress, "0")) == 9
         assert len([f for f in progress.rglob("*") if f.is_file()]) == 2  # run.json + one journal
         calls.clear()
         run_baseline("gaussian", plate, out, channels=["AC-15"], sigma=2.0, resume=True)
     assert len(calls) == 3 * 9 - 9
     for key in fields:
-        np.testing.assert_array_equal(oz.open_image(out, field=key).values, oz.open_image(ref, field=key).values)
+        np.testing.assert_array_equal(open_image(out, field=key).values, open_image(ref, field=key).values)

@@ -17,7 +17,8 @@ import pytest
 import xarray as xr
 
 from l2l_scale.cli import main
-from l2l_scale.io import ome_zarr as oz
+from l2l_scale.io.read import open_image
+from l2l_scale.io.write import write_image, write_plate
 
 pytest.importorskip("bioimageio.core", reason="bioimage.io tests need the [bioimageio] extra (bioimageio.core)")
 pytest.importorskip("onnxruntime", reason="bioimage.io tests need the [bioimageio] extra (onnxruntime)")
@@ -38,7 +39,7 @@ def trained(tmp_path_factory):
     base = tmp_path_factory.mktemp("bioimageio")
     fields = {f"A/1/{i}": xr.DataArray(_field(i), dims=("c", "y", "x"), coords={"c": ["AC-15", "phalloidin"]},
                                        attrs={"pixel_size": 0.05}) for i in range(2)}
-    oz.write_plate(fields, base / "plate.zarr", chunks=64)
+    write_plate(fields, base / "plate.zarr", chunks=64)
     store = create_patches(base / "plate.zarr", base / "patches.zarr", input_channels=["AC-15"],
                            target_channels=["phalloidin"], patch_size=32, patches_per_image=8,
                            percentiles=(1, 99.9), split_by="patch", validation_fraction=0.25, chunk_patches=8)
@@ -87,9 +88,9 @@ def test_test_output_is_l2l_scale_predict(package, trained, tmp_path):
         y = np.load(zf.open("test_output.npy"))
     img = xr.DataArray(np.moveaxis(x[0], -1, 0), dims=("c", "y", "x"), coords={"c": ["AC-15"]},
                        attrs={"pixel_size": 0.05})
-    oz.write_image(img, tmp_path / "in.zarr", chunks=64)
+    write_image(img, tmp_path / "in.zarr", chunks=64)
     out = predict(trained[1], tmp_path / "in.zarr", tmp_path / "out.zarr", tile=64)  # other tiling, same result
-    np.testing.assert_allclose(np.asarray(oz.open_image(out).values), np.moveaxis(y[0], -1, 0), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(open_image(out).values), np.moveaxis(y[0], -1, 0), atol=1e-5)
 
 
 def test_export_with_a_users_test_image(trained, tmp_path):
@@ -181,18 +182,18 @@ def cache(tmp_path, monkeypatch):
 
 def _image(tmp_path, raw, names):
     img = xr.DataArray(raw, dims=("c", "y", "x"), coords={"c": names}, attrs={"pixel_size": 0.05})
-    return oz.write_image(img, tmp_path / "img.zarr", chunks=64)
+    return write_image(img, tmp_path / "img.zarr", chunks=64)
 
 
 def test_predict_runs_our_package_zip_and_folder(package, trained, tmp_path, cache):
     from l2l_scale.predict import predict
 
     src = _image(tmp_path, _field(21, size=100)[:1], ["AC-15"])
-    ref = oz.open_image(predict(trained[1], src, tmp_path / "ref.zarr")).values
+    ref = open_image(predict(trained[1], src, tmp_path / "ref.zarr")).values
     folder = tmp_path / "unzipped"
     zipfile.ZipFile(package).extractall(folder)
     for i, pkg in enumerate((package, folder)):
-        out = oz.open_image(predict(pkg, src, tmp_path / f"pkg{i}.zarr")).values  # channels from the package
+        out = open_image(predict(pkg, src, tmp_path / f"pkg{i}.zarr")).values  # channels from the package
         np.testing.assert_allclose(out, ref, atol=1e-6)
     (converted,) = [p for p in cache.glob("models/bioimageio-*") if p.name.startswith("bioimageio-")][:1]
     meta = json.loads((converted / "l2l_scale.json").read_text())
@@ -309,7 +310,7 @@ def test_csbdeep_export_tf_zip_equals_csbdeep_predict(tmp_path, cache, last_acti
     raw = raw[:, :, :90]  # odd sizes: CSBDeep and predict pad to the grid
     ref = care.predict(raw[0].astype(np.float32), "YX")  # CSBDeep's default: rescaled to the input range
     src = _image(tmp_path, raw, ["raw"])
-    ours = oz.open_image(predict(zip_path, src, tmp_path / "out.zarr", channels=["raw"])).values[0]
+    ours = open_image(predict(zip_path, src, tmp_path / "out.zarr", channels=["raw"])).values[0]
     a, b = np.polyfit(ours.ravel().astype(np.float64), ref.ravel().astype(np.float64), 1)
     lo, hi = np.percentile(raw[0], [2, 99.8])
     assert a == pytest.approx(hi - lo, rel=1e-4) and b == pytest.approx(lo, rel=1e-4, abs=1e-2)

@@ -8,12 +8,13 @@ import zarr
 from zarr.codecs import BloscCodec, GzipCodec, ZstdCodec
 
 from l2l_scale.errors import InputError
-from l2l_scale.io import ome_zarr as oz
 from l2l_scale.io.chunks import LocalArray, cached_array, open_local
+from l2l_scale.io.read import read_region
+from l2l_scale.io.write import _compressor
 
 DTYPES = ["bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "float16", "float32",
           "float64"]
-CODECS = {"blosc-zstd": lambda: [oz._compressor()], "blosc-lz4-bitshuffle": lambda: [BloscCodec(
+CODECS = {"blosc-zstd": lambda: [_compressor()], "blosc-lz4-bitshuffle": lambda: [BloscCodec(
     cname="lz4", clevel=3, shuffle="bitshuffle")], "zstd": lambda: [ZstdCodec()], "gzip": lambda: [GzipCodec()],
           "none": lambda: None}
 KEYS = [(slice(None),), (1, slice(3, 30), slice(None)), (Ellipsis, 5), (slice(0, 3), slice(16, 32), slice(32, 50)),
@@ -61,7 +62,7 @@ def test_reads_and_writes_equal_zarrs_for_every_codec_and_dtype(tmp_path, codec,
 
 def test_empty_chunks_are_deleted_as_zarr_does(tmp_path):
     arr = zarr.create_array(str(tmp_path / "a.zarr"), shape=(8, 8), chunks=(4, 4), dtype="float32",
-                            compressors=[oz._compressor()], fill_value=0.0)
+                            compressors=[_compressor()], fill_value=0.0)
     fast = open_local(str(tmp_path / "a.zarr"), "", "r+")
     fast[:] = 1.0
     assert len(_chunk_files(tmp_path / "a.zarr")) == 4
@@ -93,7 +94,7 @@ def test_layouts_outside_the_fast_path_use_zarr(tmp_path, make):
 
 def test_fancy_keys_fall_back_and_damaged_chunks_are_named(tmp_path):
     arr = zarr.create_array(str(tmp_path / "a.zarr"), shape=(64, 64), chunks=(32, 32), dtype="uint16",
-                            compressors=[oz._compressor()])
+                            compressors=[_compressor()])
     arr[:] = np.arange(64 * 64, dtype="uint16").reshape(64, 64)
     fast = open_local(str(tmp_path / "a.zarr"), "", "r")
     np.testing.assert_array_equal(fast[::3, [1, 5]], arr[::3, [1, 5]])  # steps and lists: zarr's own indexing
@@ -102,5 +103,5 @@ def test_fancy_keys_fall_back_and_damaged_chunks_are_named(tmp_path):
     chunk = tmp_path / "a.zarr" / "c" / "0" / "1"
     chunk.write_bytes(chunk.read_bytes()[: len(chunk.read_bytes()) // 2])
     with pytest.raises(InputError, match=r"cannot read region \[0:32, 32:64\].*damaged"):
-        oz.read_region(fast, (slice(0, 32), slice(32, 64)), tmp_path)
-    np.testing.assert_array_equal(oz.read_region(fast, (slice(0, 32), slice(0, 32)), tmp_path), arr[:32, :32])
+        read_region(fast, (slice(0, 32), slice(32, 64)), tmp_path)
+    np.testing.assert_array_equal(read_region(fast, (slice(0, 32), slice(0, 32)), tmp_path), arr[:32, :32])

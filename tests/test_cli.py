@@ -11,7 +11,7 @@ import pytest
 import tifffile
 import zarr
 
-from l2l_scale.io import ome_zarr as oz
+from l2l_scale.io.read import open_image, read_info
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -57,7 +57,7 @@ def test_simulate_plate_then_info(plate):
     # Fields are different scenes from consecutive seeds; the data equal the simulator's.
     from l2l_scale.synthetic import simulate
 
-    a = oz.open_image(plate, field="A/1/1").values
+    a = open_image(plate, field="A/1/1").values
     np.testing.assert_array_equal(a, simulate("actin", 300, seed=1, n2n=True, drift=(1.5, -0.5), chunks=128).values)
 
 
@@ -65,7 +65,7 @@ def test_simulate_single_image_and_errors(tmp_path):
     out = tmp_path / "one.zarr"
     res = run("simulate", "--structure", "tubulin", "--size", "200", out, "--scheduler", "threads")
     assert res.returncode == 0, res.stderr
-    assert oz.read_info(out)["channels"] == ["DM1A", "YOL1/34", "truth"]
+    assert read_info(out)["channels"] == ["DM1A", "YOL1/34", "truth"]
     assert_user_error(run("simulate", out, "--size", "200", "--scheduler", "threads"), "exists", "--overwrite")
     assert_user_error(run("simulate", tmp_path / "x.zarr", "--structure", "myosin", "--scheduler", "threads"),
                       "unknown structure 'myosin'")
@@ -94,7 +94,7 @@ def test_convert_tiff_roundtrip_and_errors(tmp_path):
     out = tmp_path / "pair.zarr"
     res = run("convert", tif, out, "--scheduler", "threads")
     assert res.returncode == 0, res.stderr
-    img = oz.open_image(out)
+    img = open_image(out)
     np.testing.assert_array_equal(img.values, data)
     assert list(img.coords["c"].values) == ["AC-15", "phalloidin"]
     assert img.attrs["pixel_size"]["x"] == pytest.approx(0.05)
@@ -113,7 +113,7 @@ def test_stats_json_and_errors(plate, tmp_path):
               "threads")
     assert res.returncode == 0, res.stderr
     stats = json.loads(out.read_text())
-    field = oz.open_image(plate, field="A/1/0").sel(c="AC-15").values
+    field = open_image(plate, field="A/1/0").sel(c="AC-15").values
     entry = stats["images"]["A/1/0"]["AC-15"]
     assert (entry["lo"], entry["hi"]) == (np.percentile(field, 1), np.percentile(field, 99.9))
     assert_user_error(run("stats", plate, "--percentiles", "99,1", "--scheduler", "threads"), "percentiles")

@@ -13,7 +13,7 @@ import pytest
 import xarray as xr
 
 from l2l_scale.errors import ConfigError, InputError
-from l2l_scale.io.ome_zarr import write_image, write_plate
+from l2l_scale.io.write import write_image, write_plate
 from l2l_scale.preprocess.contrast import dataset_contrast, image_contrast, label_contrast
 from l2l_scale.synthetic import simulate
 

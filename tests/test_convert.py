@@ -14,9 +14,10 @@ import tifffile
 import tifffile.zarr
 
 from l2l_scale.errors import ChannelError, ConfigError, InputError, OutputError
-from l2l_scale.io import convert as conv
-from l2l_scale.io.convert import convert, expand_inputs, read_tiff
-from l2l_scale.io.ome_zarr import list_fields, list_images, open_image, read_info
+from l2l_scale.io import tiff as conv
+from l2l_scale.io.convert import convert, expand_inputs
+from l2l_scale.io.read import list_fields, list_images, open_image, read_info
+from l2l_scale.io.tiff import read_tiff
 
 
 def _ramp(shape, dtype=np.uint16, seed=0):

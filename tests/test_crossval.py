@@ -140,7 +140,7 @@ def test_per_pair_metrics_are_whole_image_percentile_normalised(run, plate):
     """A held-out pair's input row equals Table 1's metrics of its own percentile-normalised images, and does not
     depend on the fold it was tested in."""
     from l2l_scale.evaluate.metrics import table1_metrics
-    from l2l_scale.io import ome_zarr as oz
+    from l2l_scale.io.read import open_image
 
     out, _ = run
     rows: dict[str, list] = {}
@@ -151,7 +151,7 @@ def test_per_pair_metrics_are_whole_image_percentile_normalised(run, plate):
             assert p["restoration"] != p["input"]
     key, seen = max(rows.items(), key=lambda kv: len(kv[1]))
     assert all(p["input"] == seen[0]["input"] for p in seen)
-    img = oz.open_image(plate, field=key)
+    img = open_image(plate, field=key)
 
     def norm(ch):
         x = img.sel(c=ch).values.astype(np.float64)

@@ -135,14 +135,15 @@ wait
 
 
 def test_sbatch_recipe_runs_scheduler_gpu_worker_and_predict(tmp_path):
-    from l2l_scale.io import ome_zarr as oz
+    from l2l_scale.io.read import open_image
+    from l2l_scale.io.write import write_image
     from l2l_scale.model import ModelSpec, build_unet, export_model
 
     spec = ModelSpec(n_dim=2, n_channel_in=1, n_channel_out=1, unet_n_depth=1, unet_kern_size=3, unet_n_first=8,
                      unet_last_activation="linear", unet_residual=True, probabilistic=False, axes="YXC")
     model = export_model(build_unet(spec), spec, tmp_path / "model", metadata={"channels": {"input": ["AC-15"]}})
     data = np.random.default_rng(1).poisson(300, size=(1, 96, 160)).astype(np.uint16)
-    src = oz.write_image(xr.DataArray(data, dims=("c", "y", "x"), coords={"c": ["AC-15"]}), tmp_path / "in.zarr")
+    src = write_image(xr.DataArray(data, dims=("c", "y", "x"), coords={"c": ["AC-15"]}), tmp_path / "in.zarr")
 
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -165,7 +166,7 @@ def test_sbatch_recipe_runs_scheduler_gpu_worker_and_predict(tmp_path):
     assert "ssh -N -L 8787:127.0.0.1:" in log
     assert "computed 6 of 6 blocks" in log and f"wrote {out}" in log
     assert (tmp_path / "run" / "cluster.yaml").exists()
-    assert oz.open_image(out).shape == (1, 96, 160)
+    assert open_image(out).shape == (1, 96, 160)
     # the script stopped everything it started
     import psutil
 

@@ -15,7 +15,8 @@ from skimage.metrics import structural_similarity
 from skimage.registration import phase_cross_correlation
 
 from l2l_scale.errors import ConfigError, InputError
-from l2l_scale.io.ome_zarr import open_image, write_image, write_plate
+from l2l_scale.io.read import open_image
+from l2l_scale.io.write import write_image, write_plate
 from l2l_scale.preprocess import drift
 from l2l_scale.synthetic import simulate
 

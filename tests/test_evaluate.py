@@ -16,7 +16,8 @@ from l2l_scale.evaluate import metrics as M
 from l2l_scale.evaluate.evaluate import CSV_COLUMNS, evaluate
 from l2l_scale.evaluate.images import ImageSpec, parse_method
 from l2l_scale.evaluate.maps import rms_map, ssim_map
-from l2l_scale.io.ome_zarr import open_image, write_image
+from l2l_scale.io.read import open_image
+from l2l_scale.io.write import write_image
 from l2l_scale.preprocess.normalize import normalize, percentiles
 
 pytestmark = pytest.mark.timeout(300)

@@ -21,7 +21,8 @@ import zarr
 from l2l_scale.errors import OutputError
 from l2l_scale.io import lock as lk
 from l2l_scale.io import blockwrite as bw
-from l2l_scale.io import ome_zarr as oz
+from l2l_scale.io.output import PROGRESS_DIR, check_output, partial_path
+from l2l_scale.io.write import write_image
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -44,7 +45,7 @@ def _image(path: Path, shape=(512, 512), seed=0) -> Path:
     yy, xx = np.mgrid[: shape[0], : shape[1]]
     data = (800 + 500 * np.sin(yy / 9.0) * np.cos(xx / 13.0))[None] + rng.poisson(200, size=(1, *shape))
     arr = xr.DataArray(data.astype(np.uint16), dims=("c", "y", "x"), coords={"c": ["AC-15"]})
-    return oz.write_image(arr, path, chunks=256)
+    return write_image(arr, path, chunks=256)
 
 
 def _cmd(*args) -> list[str]:
@@ -128,7 +129,7 @@ def test_worker_killed_mid_predict_gives_bit_identical_output(model, two_workers
     predict(model, src, tmp_path / "ref.zarr", channels=["AC-15"], tile=64, chunks=32)
 
     out = tmp_path / "out.zarr"
-    progress = oz.partial_path(out) / oz.PROGRESS_DIR
+    progress = partial_path(out) / PROGRESS_DIR
     proc = subprocess.Popen(_cmd("predict", model, src, out, *common), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
@@ -226,7 +227,7 @@ def _stop_while_writing(proc: subprocess.Popen, out: Path) -> None:
     """
     import psutil
 
-    progress = oz.partial_path(out) / oz.PROGRESS_DIR
+    progress = partial_path(out) / PROGRESS_DIR
     ps = psutil.Process(proc.pid)
     deadline = time.time() + 300
     while time.time() < deadline:
@@ -260,7 +261,7 @@ def test_second_run_is_refused_and_a_killed_runs_lock_is_stale(model, tmp_path):
             assert f"{out} is being written by another l2l-scale run (pid {first.pid} on {socket.gethostname()}, " \
                    f"started {info['started']})" in line, line
             assert f"wait for it or remove the stale lock {lock}" in line
-        assert oz.partial_path(out).exists(), "--overwrite of a live run must not delete its partial output"
+        assert partial_path(out).exists(), "--overwrite of a live run must not delete its partial output"
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait()
@@ -269,7 +270,7 @@ def test_second_run_is_refused_and_a_killed_runs_lock_is_stale(model, tmp_path):
     assert lock.exists(), "a killed run leaves its lock behind"
     resumed = _cli("predict", model, src, out, *common, "--resume")
     assert resumed.returncode == 0, resumed.stderr
-    assert out.exists() and not lock.exists() and not oz.partial_path(out).exists()
+    assert out.exists() and not lock.exists() and not partial_path(out).exists()
 
 
 # --------------------------------------------------------------------------------------- lock unit checks
@@ -283,11 +284,11 @@ def test_lock_contents_release_and_in_process_refusal(tmp_path):
         with pytest.raises(OutputError, match="being written by another l2l-scale run"):
             lk.OutputLock(out).acquire()
         with pytest.raises(OutputError, match="being written by another"):
-            oz.write_image(np.zeros((8, 8), np.uint16), out)  # every atomic writer takes the lock
+            write_image(np.zeros((8, 8), np.uint16), out)  # every atomic writer takes the lock
         with pytest.raises(OutputError, match="being written by another"):
-            oz.check_output(out)
+            check_output(out)
     assert not lk.lock_path(out).exists()
-    oz.write_image(np.zeros((8, 8), np.uint16), out)
+    write_image(np.zeros((8, 8), np.uint16), out)
     assert out.exists() and not lk.lock_path(out).exists()
 
 
@@ -384,7 +385,7 @@ def patches_reference(pairs, tmp_path_factory):
 
 def test_client_killed_mid_patches_then_resume_is_bit_identical(pairs, patches_reference, tmp_path):
     out = tmp_path / "p.zarr"
-    staging = oz.partial_path(out) / oz.PROGRESS_DIR / "staging"
+    staging = partial_path(out) / PROGRESS_DIR / "staging"
     proc = subprocess.Popen(_cmd("patches", pairs, out, *PATCH_ARGS, "--scheduler", "threads"),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
@@ -407,7 +408,7 @@ def test_client_killed_mid_patches_then_resume_is_bit_identical(pairs, patches_r
 def test_worker_killed_mid_patches_gives_bit_identical_output(pairs, patches_reference, two_workers, tmp_path):
     address, client = two_workers
     out = tmp_path / "p.zarr"
-    staging = oz.partial_path(out) / oz.PROGRESS_DIR / "staging"
+    staging = partial_path(out) / PROGRESS_DIR / "staging"
     proc = subprocess.Popen(_cmd("patches", pairs, out, *PATCH_ARGS, "--scheduler", address),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

@@ -15,7 +15,10 @@ import zarr
 
 from l2l_scale.errors import ChannelError, InputError, OutputError
 from l2l_scale.io import blockwrite as bw
-from l2l_scale.io import ome_zarr as oz
+from l2l_scale.io.output import PROGRESS_DIR, partial_path
+from l2l_scale.io.prov import provenance
+from l2l_scale.io.read import list_fields, list_images, open_image, read_info, read_region, select_channels
+from l2l_scale.io.write import pyramid_shapes, write_image, write_plate
 
 
 def _image(shape=(2, 300, 260), chunks=(1, 128, 128), names=("AC-15", "phalloidin"), px=0.05, seed=0):
@@ -38,8 +41,8 @@ def _validate(path):
 
 def test_roundtrip_keeps_data_and_metadata(tmp_path):
     arr, data = _image()
-    out = oz.write_image(arr, tmp_path / "img.zarr", chunks=128, provenance=oz.provenance({"k": 1}, "src.tif"))
-    img = oz.open_image(out)
+    out = write_image(arr, tmp_path / "img.zarr", chunks=128, provenance=provenance({"k": 1}, "src.tif"))
+    img = open_image(out)
     assert img.dims == ("c", "y", "x")
     assert isinstance(img.data, da.Array)
     np.testing.assert_array_equal(img.values, data)
@@ -62,28 +65,58 @@ def test_roundtrip_keeps_data_and_metadata(tmp_path):
     assert nodes[0].metadata["channel_names"] == ["AC-15", "phalloidin"]
 
 
+def test_metadata_equals_what_ome_zarr_writer_writes(tmp_path):
+    """write.py builds the multiscales and plate blocks itself (see its comments); they must stay ome-zarr-py's."""
+    from ome_zarr.format import FormatV05
+    from ome_zarr.writer import write_multiscales_metadata, write_plate_metadata
+
+    arr, _ = _image()
+    out = write_image(arr, tmp_path / "img.zarr", chunks=64, top_max=100)
+    ours = dict(zarr.open_group(str(out), mode="r").attrs["ome"])
+    px = 0.05
+    datasets = []
+    for i in range(3):  # 300x260 halved until <= 100; a 2^i mean is centred (2^i - 1)/2 fine pixels in
+        transforms = [{"type": "scale", "scale": [1.0, px * 2**i, px * 2**i]}]
+        if i:
+            transforms.append({"type": "translation", "translation": [0.0, px * (2**i - 1) / 2, px * (2**i - 1) / 2]})
+        datasets.append({"path": str(i), "coordinateTransformations": transforms})
+    ref = zarr.open_group(str(tmp_path / "ref.zarr"), mode="w", zarr_format=3)
+    write_multiscales_metadata(ref, datasets, fmt=FormatV05(), axes=["c", "y", "x"],
+                               axes_units={"y": "micrometer", "x": "micrometer"}, name="img",
+                               metadata={"omero": ours["omero"]})
+    assert ours == dict(ref.attrs["ome"])
+
+    plate = write_plate({"A/1/0": arr, "A/1/1": arr, "B/3/0": arr}, tmp_path / "plate.zarr", chunks=128)
+    ours = dict(zarr.open_group(str(plate), mode="r").attrs["ome"])
+    ref = zarr.open_group(str(tmp_path / "refplate.zarr"), mode="w", zarr_format=3)
+    write_plate_metadata(ref, ["A", "B"], ["1", "3"], ["A/1", "B/3"], fmt=FormatV05(), field_count=2, name="plate")
+    theirs = dict(ref.attrs["ome"])
+    assert theirs["plate"].pop("version") == "0.5"  # the one difference, see write_plate_layout
+    assert ours == theirs
+
+
 def test_pyramid_is_2x_mean_until_1024(tmp_path):
     data = np.arange(2200 * 1100, dtype=np.float32).reshape(1, 2200, 1100) % 997
-    out = oz.write_image(xr.DataArray(data, dims=("c", "y", "x"), attrs={"pixel_size": 0.1}), tmp_path / "p.zarr",
-                         chunks=512)
-    info = oz.read_info(out)
+    out = write_image(xr.DataArray(data, dims=("c", "y", "x"), attrs={"pixel_size": 0.1}), tmp_path / "p.zarr",
+                      chunks=512)
+    info = read_info(out)
     assert info["levels"] == [[1, 2200, 1100], [1, 1100, 550], [1, 550, 275]]
-    lvl1 = oz.open_image(out, level=1)
+    lvl1 = open_image(out, level=1)
     ref = data[:, :2200, :1100].reshape(1, 1100, 2, 550, 2).mean(axis=(2, 4))
     np.testing.assert_allclose(lvl1.values, ref, rtol=1e-6)
     # Level k pixel centres sit at the mean of the 2^k level-0 centres they average.
     assert lvl1.attrs["pixel_size"]["x"] == pytest.approx(0.2)
     assert lvl1.coords["x"].values[0] == pytest.approx(0.05)
-    assert oz.open_image(out, level=-1).shape == (1, 550, 275)
+    assert open_image(out, level=-1).shape == (1, 550, 275)
 
 
 def test_opening_reads_no_pixel_data(tmp_path):
     arr, _ = _image()
-    out = oz.write_image(arr, tmp_path / "img.zarr", chunks=128)
+    out = write_image(arr, tmp_path / "img.zarr", chunks=128)
     for chunk_file in (out / "0").rglob("*"):
         if chunk_file.is_file() and chunk_file.name != "zarr.json":
             chunk_file.unlink()
-    img = oz.open_image(out)  # metadata only: works without any chunk on disk
+    img = open_image(out)  # metadata only: works without any chunk on disk
     assert img.shape == (2, 300, 260)
     assert int(img.isel(c=0, y=0, x=0).values) == 0  # missing chunks read as the fill value, proving laziness
 
@@ -105,29 +138,29 @@ def test_ngff_04_is_read(tmp_path):
                                           {"type": "scale", "scale": [1.0, 0.4, 0.6]}]}]}],
         "omero": {"channels": [{"label": "DM1A"}, {"label": "YOL1/34"}]},
     })
-    img = oz.open_image(path)
+    img = open_image(path)
     assert img.attrs["ngff_version"] == "0.4"
     np.testing.assert_array_equal(img.values, data)
     assert list(img.coords["c"].values) == ["DM1A", "YOL1/34"]
     assert img.attrs["pixel_size"] == {"y": 0.2, "x": 0.3}
-    assert oz.open_image(path, level=1).attrs["pixel_size"] == {"y": 0.4, "x": 0.6}
+    assert open_image(path, level=1).attrs["pixel_size"] == {"y": 0.4, "x": 0.6}
 
 
 def test_plate_roundtrip(tmp_path):
     a, da_ = _image(seed=1)
     b, db = _image(seed=2)
     c, dc = _image(seed=3)
-    out = oz.write_plate({"A/1/0": a, "A/1/1": b, ("B03", 0): c}, tmp_path / "plate.zarr", chunks=128)
-    assert oz.list_fields(out) == ["A/1/0", "A/1/1", "B/3/0"]
-    np.testing.assert_array_equal(oz.open_image(out, field="A/1/1").values, db)
-    np.testing.assert_array_equal(oz.open_image(out / "B/3/0").values, dc)
-    refs = oz.list_images(out)
+    out = write_plate({"A/1/0": a, "A/1/1": b, ("B03", 0): c}, tmp_path / "plate.zarr", chunks=128)
+    assert list_fields(out) == ["A/1/0", "A/1/1", "B/3/0"]
+    np.testing.assert_array_equal(open_image(out, field="A/1/1").values, db)
+    np.testing.assert_array_equal(open_image(out / "B/3/0").values, dc)
+    refs = list_images(out)
     assert [r.key for r in refs] == ["A/1/0", "A/1/1", "B/3/0"]
-    info = oz.read_info(out)
+    info = read_info(out)
     assert info["plate"]["rows"] == ["A", "B"] and info["plate"]["columns"] == ["1", "3"]
     model, nodes = _validate(out)
     assert type(model).__name__ == "HCS"
-    assert not (out / oz.PROGRESS_DIR).exists()
+    assert not (out / PROGRESS_DIR).exists()
 
 
 def test_write_streams_with_bounded_memory(tmp_path):
@@ -135,7 +168,7 @@ def test_write_streams_with_bounded_memory(tmp_path):
     big = da.random.random((4096, 4096), chunks=(256, 256)).astype(np.float32)
     tracemalloc.start()
     with dask.config.set(scheduler="threads", num_workers=2):
-        oz.write_image(big, tmp_path / "big.zarr", dims=("y", "x"), chunks=256)
+        write_image(big, tmp_path / "big.zarr", dims=("y", "x"), chunks=256)
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     assert peak < 16e6, f"peak {peak / 1e6:.1f} MB for a 64 MB image"
@@ -149,7 +182,7 @@ def test_failed_write_leaves_nothing(tmp_path):
 
     arr = da.ones((256, 256), chunks=(128, 128), dtype=np.uint16).map_blocks(boom, dtype=np.uint16)
     with pytest.raises(RuntimeError):
-        oz.write_image(arr, tmp_path / "x.zarr", dims=("y", "x"), chunks=128)
+        write_image(arr, tmp_path / "x.zarr", dims=("y", "x"), chunks=128)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -189,7 +222,7 @@ def test_failed_write_waits_for_running_writes_before_cleaning_up(tmp_path, monk
         ctx.enter_context(distributed.Client(cluster))
     with ctx:
         with pytest.raises(RuntimeError, match="disk on fire"):
-            oz.write_image(arr, tmp_path / "x.zarr", dims=("y", "x"), chunks=128)
+            write_image(arr, tmp_path / "x.zarr", dims=("y", "x"), chunks=128)
         time.sleep(1.5)  # long enough for a late write to land if nothing waited for it
     assert list(tmp_path.iterdir()) == []
 
@@ -208,49 +241,49 @@ def test_resume_writes_only_missing_blocks(tmp_path):
     base = da.zeros((256, 256), chunks=(128, 128), dtype=np.uint16)
     with dask.config.set(scheduler="synchronous"):
         with pytest.raises(RuntimeError):
-            oz.write_image(base.map_blocks(flaky, dtype=np.uint16), tmp_path / "r.zarr", dims=("y", "x"),
-                           chunks=128, resume=True)
-        assert oz.partial_path(tmp_path / "r.zarr").exists() and not (tmp_path / "r.zarr").exists()
+            write_image(base.map_blocks(flaky, dtype=np.uint16), tmp_path / "r.zarr", dims=("y", "x"),
+                        chunks=128, resume=True)
+        assert partial_path(tmp_path / "r.zarr").exists() and not (tmp_path / "r.zarr").exists()
         done_before = len(calls) - 1
         calls.clear()
-        oz.write_image(base.map_blocks(flaky, dtype=np.uint16), tmp_path / "r.zarr", dims=("y", "x"),
-                       chunks=128, resume=True)
+        write_image(base.map_blocks(flaky, dtype=np.uint16), tmp_path / "r.zarr", dims=("y", "x"),
+                    chunks=128, resume=True)
     assert len(calls) == 4 - done_before
-    np.testing.assert_array_equal(oz.open_image(tmp_path / "r.zarr").values, 1)
+    np.testing.assert_array_equal(open_image(tmp_path / "r.zarr").values, 1)
 
 
 def test_output_exists_and_overwrite(tmp_path):
     arr, data = _image()
-    out = oz.write_image(arr, tmp_path / "o.zarr")
+    out = write_image(arr, tmp_path / "o.zarr")
     with pytest.raises(OutputError, match="--overwrite"):
-        oz.write_image(arr * 0, out)
-    oz.write_image(arr * 0, out, overwrite=True)
-    assert int(oz.open_image(out).max()) == 0
+        write_image(arr * 0, out)
+    write_image(arr * 0, out, overwrite=True)
+    assert int(open_image(out).max()) == 0
     with pytest.raises(OutputError, match="overlaps the input"):
-        oz.write_image(arr, out / "inside.zarr", inputs=[out], overwrite=True)
+        write_image(arr, out / "inside.zarr", inputs=[out], overwrite=True)
 
 
 def test_reader_errors(tmp_path):
     with pytest.raises(InputError, match="does not exist"):
-        oz.open_image(tmp_path / "nope.zarr")
+        open_image(tmp_path / "nope.zarr")
     zarr.open_group(str(tmp_path / "plain.zarr"), mode="w")
     with pytest.raises(InputError, match="not an OME-Zarr"):
-        oz.open_image(tmp_path / "plain.zarr")
+        open_image(tmp_path / "plain.zarr")
     (tmp_path / "text.zarr").write_text("hello")
     with pytest.raises(InputError, match="not an OME-Zarr"):
-        oz.open_image(tmp_path / "text.zarr")
+        open_image(tmp_path / "text.zarr")
     g = zarr.open_group(str(tmp_path / "old.zarr"), mode="w")
     g.attrs["multiscales"] = [{"version": "0.3", "axes": ["y", "x"], "datasets": [{"path": "0"}]}]
     with pytest.raises(InputError, match="unsupported NGFF version '0.3'"):
-        oz.open_image(tmp_path / "old.zarr")
+        open_image(tmp_path / "old.zarr")
     arr, _ = _image()
-    plate = oz.write_plate({"A/1/0": arr}, tmp_path / "pl.zarr")
+    plate = write_plate({"A/1/0": arr}, tmp_path / "pl.zarr")
     with pytest.raises(InputError, match="HCS plate"):
-        oz.open_image(plate)
-    img = oz.open_image(plate, field="A/1/0")
+        open_image(plate)
+    img = open_image(plate, field="A/1/0")
     with pytest.raises(ChannelError, match="unknown channel 'DAPI'"):
-        oz.select_channels(img, ["DAPI"])
-    assert list(oz.select_channels(img, ["phalloidin", 0]).coords["c"].values) == ["phalloidin", "AC-15"]
+        select_channels(img, ["DAPI"])
+    assert list(select_channels(img, ["phalloidin", 0]).coords["c"].values) == ["phalloidin", "AC-15"]
 
 
 @pytest.mark.parametrize("codec", ["zstd", "gzip", "none"])
@@ -262,8 +295,8 @@ def test_damaged_chunks_are_named_and_other_errors_surface(tmp_path, codec):
     chunk = tmp_path / "a.zarr" / "c" / "0" / "1"
     chunk.write_bytes(chunk.read_bytes()[: len(chunk.read_bytes()) // 2])
     with pytest.raises(InputError, match=r"cannot read region \[0:32, 32:64\].*damaged"):
-        oz.read_region(zarr.open_array(tmp_path / "a.zarr"), (slice(0, 32), slice(32, 64)), tmp_path)
-    np.testing.assert_array_equal(oz.read_region(arr, (slice(0, 32), slice(0, 32)), tmp_path),
+        read_region(zarr.open_array(tmp_path / "a.zarr"), (slice(0, 32), slice(32, 64)), tmp_path)
+    np.testing.assert_array_equal(read_region(arr, (slice(0, 32), slice(0, 32)), tmp_path),
                                   np.asarray(arr[:32, :32]))
 
     class Failing:
@@ -278,7 +311,7 @@ def test_damaged_chunks_are_named_and_other_errors_surface(tmp_path, codec):
     # Not about the stored bytes: a MemoryError, an object-store timeout or a permission error is not "damage".
     for exc in (MemoryError(), TimeoutError("read timed out"), PermissionError("denied"), NotImplementedError()):
         with pytest.raises(type(exc)):
-            oz.read_region(Failing(exc), (slice(0, 8),), tmp_path)
+            read_region(Failing(exc), (slice(0, 8),), tmp_path)
 
 
 def test_plate_pyramids_in_one_graph_are_2x_means_for_mixed_sizes_and_dtypes(tmp_path):
@@ -288,11 +321,11 @@ def test_plate_pyramids_in_one_graph_are_2x_means_for_mixed_sizes_and_dtypes(tmp
               "A/1/1": rng.normal(0, 1, (2, 257, 515)).astype(np.float32),
               "B/4/0": rng.integers(-30000, 30000, (1, 140, 129), dtype=np.int16)}
     arrays = {k: xr.DataArray(v, dims=("c", "y", "x")) for k, v in fields.items()}
-    out = oz.write_plate(arrays, tmp_path / "p.zarr", chunks=64, top_max=64)
+    out = write_plate(arrays, tmp_path / "p.zarr", chunks=64, top_max=64)
     for key, data in fields.items():
         group = zarr.open_group(str(out / key), mode="r")
         levels = [group[d["path"]][...] for d in group.attrs["ome"]["multiscales"][0]["datasets"]]
-        assert len(levels) == len(oz.pyramid_shapes(data.shape, ("c", "y", "x"), 64)) >= 2
+        assert len(levels) == len(pyramid_shapes(data.shape, ("c", "y", "x"), 64)) >= 2
         np.testing.assert_array_equal(levels[0], data)
         for fine, coarse in zip(levels[:-1], levels[1:]):
             c, h, w = coarse.shape

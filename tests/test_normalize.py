@@ -441,7 +441,7 @@ def test_stats_writes_nothing_into_the_installed_package(tmp_path):
     import sys
     from pathlib import Path
 
-    from l2l_scale.io import ome_zarr as oz
+    from l2l_scale.io.write import write_image
 
     repo = Path(__file__).resolve().parents[1]
     src = tmp_path / "src"
@@ -455,8 +455,8 @@ def test_stats_writes_nothing_into_the_installed_package(tmp_path):
     assert pip.returncode == 0, pip.stderr
     package = site / "l2l_scale"
     before = sorted(p.relative_to(package) for p in package.rglob("*"))
-    image = oz.write_image(xr.DataArray(np.arange(64 * 64, dtype=np.uint16).reshape(1, 64, 64), dims=("c", "y", "x"),
-                                        coords={"c": ["a"]}), tmp_path / "img.zarr")
+    image = write_image(xr.DataArray(np.arange(64 * 64, dtype=np.uint16).reshape(1, 64, 64), dims=("c", "y", "x"),
+                                     coords={"c": ["a"]}), tmp_path / "img.zarr")
     env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_CACHE_DIR", "PYTHONPATH")}
     # Python's own bytecode is not what this test is about (pip compiles it at install time anyway).
     env.update(PYTHONPATH=str(site), XDG_CACHE_HOME=str(tmp_path / "cache"), HOME=str(tmp_path),

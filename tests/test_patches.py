@@ -11,7 +11,8 @@ from scipy import ndimage
 from l2l_scale import patches as patches_mod
 from l2l_scale.cli import main
 from l2l_scale.errors import ChannelError, ConfigError, InputError, OutputError
-from l2l_scale.io import ome_zarr as oz
+from l2l_scale.io.output import PROGRESS_DIR, partial_path
+from l2l_scale.io.write import write_plate
 from l2l_scale.patches import create_patches, open_patches, read_table
 
 SIZE = 256
@@ -44,7 +45,7 @@ def plate(tmp_path_factory):
     data = {f"A/1/{i}": _field(i) for i in range(5)}
     fields = {k: xr.DataArray(v, dims=("c", "y", "x"), coords={"c": CHANNELS}, attrs={"pixel_size": 0.05})
               for k, v in data.items()}
-    oz.write_plate(fields, path, chunks=64)
+    write_plate(fields, path, chunks=64)
     return path, data
 
 
@@ -188,7 +189,7 @@ def test_no_foreground_is_an_error(tmp_path):
     flat = np.full((2, 64, 64), 100, np.uint16)
     flat[:, 0, 0] = 101  # not constant, so the percentiles exist
     img = xr.DataArray(flat, dims=("c", "y", "x"), coords={"c": ["in", "tg"]})
-    oz.write_plate({"A/1/0": img, "A/1/1": img}, tmp_path / "flat.zarr")
+    write_plate({"A/1/0": img, "A/1/1": img}, tmp_path / "flat.zarr")
     with pytest.raises(InputError, match="no image has foreground"):
         create_patches(tmp_path / "flat.zarr", tmp_path / "p.zarr", input_channels=["in"], target_channels=["tg"],
                        patch_size=16, patches_per_image=4, threshold=1.0)
@@ -214,8 +215,8 @@ def test_resume_is_bit_identical_and_recomputes_only_missing(plate, store, tmp_p
 
     with dask.config.set(scheduler="synchronous"), pytest.raises(RuntimeError, match="simulated crash"):
         create_patches(path, out, resume=True, **kw)
-    assert not out.exists() and oz.partial_path(out).exists()
-    staged = list((oz.partial_path(out) / oz.PROGRESS_DIR / "staging").glob("*.json"))
+    assert not out.exists() and partial_path(out).exists()
+    staged = list((partial_path(out) / PROGRESS_DIR / "staging").glob("*.json"))
     assert len(staged) < 5
     with pytest.raises(OutputError, match="--resume"):
         create_patches(path, out, **kw)

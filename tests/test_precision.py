@@ -14,7 +14,8 @@ import xarray as xr
 
 from l2l_scale.errors import ConfigError, OutputError
 from l2l_scale.evaluate.metrics import ms_ssim, psnr
-from l2l_scale.io import ome_zarr as oz
+from l2l_scale.io.read import open_image
+from l2l_scale.io.write import write_image, write_plate
 from l2l_scale.model import backend as mb
 
 pytestmark = pytest.mark.timeout(600)
@@ -30,14 +31,14 @@ def trained(tmp_path_factory):
 
     base = tmp_path_factory.mktemp("precision")
     plate = base / "actin.zarr"
-    oz.write_plate({f"A/1/{i}": simulate("actin", 256, seed=s) for i, s in enumerate((0, 1))}, plate)
+    write_plate({f"A/1/{i}": simulate("actin", 256, seed=s) for i, s in enumerate((0, 1))}, plate)
     store = create_patches(plate, base / "patches.zarr", mode="l2l", input_channels=["AC-15"],
                            target_channels=["phalloidin"], patch_size=64, patches_per_image=64, augment=False,
                            percentiles=(1, 99.9), split_by="patch", validation_fraction=0.1)
     model = train(store, base / "model", epochs=3, steps_per_epoch=25, batch_size=8, learning_rate=1e-3,
                   unet_n_depth=2, unet_n_first=16, unet_kern_size=3, strategy="none", seed=0, tensorboard=False)
     test = simulate("actin", 384, seed=10)
-    image = oz.write_image(test.sel(c=["AC-15"]), base / "test.zarr", chunks=128)
+    image = write_image(test.sel(c=["AC-15"]), base / "test.zarr", chunks=128)
     return {"base": base, "store": store, "model": model, "image": image,
             "truth": test.sel(c="truth").values.astype(np.float64)}
 
@@ -55,7 +56,7 @@ def test_bf16_accuracy_budget_tiled_equals_whole_and_provenance(trained, tmp_pat
 
     out = {p: predict(trained["model"], trained["image"], tmp_path / f"{p}.zarr", tile=64, chunks=128,
                       precision=p) for p in ("fp32", "bf16")}
-    img = {p: oz.open_image(o) for p, o in out.items()}
+    img = {p: open_image(o) for p, o in out.items()}
     y = {p: i.values[0].astype(np.float64) for p, i in img.items()}
     assert img["bf16"].attrs["l2l_scale"]["parameters"]["precision"] == "bf16"
     assert img["fp32"].attrs["l2l_scale"]["parameters"]["precision"] == "fp32"
@@ -72,14 +73,14 @@ def test_bf16_accuracy_budget_tiled_equals_whole_and_provenance(trained, tmp_pat
     s5 = {p: ms_ssim(truth_n, f, scales=5, data_range=1.0) for p, f in fitted.items()}
     print("accuracy budget:", json.dumps({"psnr_bf16_vs_fp32": psnr(y["fp32"], y["bf16"], data_range=rng),
                                           "psnr_truth": p_db, "ms_ssim5_truth": s5}))
-    assert p_db["fp32"] > psnr(truth_n, _fit(oz.open_image(trained["image"]).values[0].astype(float), truth_n),
+    assert p_db["fp32"] > psnr(truth_n, _fit(open_image(trained["image"]).values[0].astype(float), truth_n),
                                data_range=1.0)  # the model learned something, so the comparison means something
     assert abs(p_db["bf16"] - p_db["fp32"]) <= 0.1
     assert abs(s5["bf16"] - s5["fp32"]) <= 0.005
 
     # tiled equals whole at bf16 (0.0 difference measured on this CPU; the bound allows other summation orders)
     values = img["bf16"].attrs["l2l_scale"]["normalization"]["values"]["AC-15"]
-    raw = oz.open_image(trained["image"]).values[0].astype(np.float32)
+    raw = open_image(trained["image"]).values[0].astype(np.float32)
     x = (raw - np.float32(values[0])) / np.float32(values[1] - values[0])
     whole = load_model(trained["model"], precision="bf16").predict_batch(x[None, ..., None])[0, ..., 0]
     np.testing.assert_allclose(y["bf16"], whole, atol=1e-3 * rng, rtol=0)
@@ -206,7 +207,7 @@ def test_other_keras_backend_predicts_like_tensorflow_without_importing_it(train
     info = json.loads(r.stdout.strip().splitlines()[-1])
     assert info == {"backend": backend, "tensorflow": False}
     ref = predict(trained["model"], trained["image"], tmp_path / "tf.zarr", tile=64, chunks=128)
-    np.testing.assert_allclose(oz.open_image(tmp_path / "other.zarr").values, oz.open_image(ref).values,
+    np.testing.assert_allclose(open_image(tmp_path / "other.zarr").values, open_image(ref).values,
                                atol=1e-4, rtol=0)
 
 

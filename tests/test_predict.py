@@ -18,7 +18,9 @@ import zarr
 
 from l2l_scale.errors import ChannelError, ConfigError, InputError, ModelError, OutputError
 from l2l_scale.io import blockwrite as bw
-from l2l_scale.io import ome_zarr as oz
+from l2l_scale.io.output import PROGRESS_DIR, partial_path
+from l2l_scale.io.read import list_fields, open_image
+from l2l_scale.io.write import write_image, write_plate
 from l2l_scale.predict import TilePlan, _pad_split, _reflect_index, predict
 
 pytestmark = pytest.mark.timeout(600)
@@ -62,7 +64,7 @@ def image(tmp_path_factory):
     path = tmp_path_factory.mktemp("img") / "img.zarr"
     arr = xr.DataArray(data, dims=("c", "y", "x"), coords={"c": ["AC-15", "phalloidin", "truth"]},
                        attrs={"pixel_size": 0.05})
-    oz.write_image(arr, path, chunks=128)
+    write_image(arr, path, chunks=128)
     return path, data
 
 
@@ -86,11 +88,11 @@ def test_tiled_equals_whole_csbdeep(models, image, tmp_path, key, channels, tile
     names = [["AC-15", "phalloidin"][c] for c in channels]
     out = predict(Path(care.basedir) / care.name, path, tmp_path / "out.zarr", channels=names, tile=tile,
                   batch=3, chunks=chunks)
-    got = oz.open_image(out).values
+    got = open_image(out).values
     ref = _reference(care, data, channels)
     assert got.shape == ref.shape
     np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
-    prov = oz.open_image(out).attrs["l2l_scale"]
+    prov = open_image(out).attrs["l2l_scale"]
     lo = np.percentile(data[channels[0]], 2.0)
     assert prov["normalization"]["values"][names[0]][0] == pytest.approx(lo)
     assert prov["model"]["sha256"]
@@ -99,11 +101,11 @@ def test_tiled_equals_whole_csbdeep(models, image, tmp_path, key, channels, tile
 def test_uint16_output_and_pyramid(models, image, tmp_path):
     care = models["d1"]
     path, data = image
-    f32 = oz.open_image(predict(Path(care.basedir) / "d1", path, tmp_path / "f.zarr", channels=["AC-15"],
-                                tile=128)).values
+    f32 = open_image(predict(Path(care.basedir) / "d1", path, tmp_path / "f.zarr", channels=["AC-15"],
+                             tile=128)).values
     out = predict(Path(care.basedir) / "d1", path, tmp_path / "u.zarr", channels=["AC-15"], tile=128,
                   dtype="uint16")
-    img = oz.open_image(out)
+    img = open_image(out)
     assert img.dtype == np.uint16
     u = img.attrs["l2l_scale"]["uint16"]
     np.testing.assert_allclose(img.values * u["scale"] + u["offset"], np.clip(f32, -0.5, 2.5), atol=u["scale"])
@@ -118,13 +120,13 @@ def test_plate_layout_kept_and_dataset_norm(models, tmp_path):
     fields = {f"A/1/{i}": xr.DataArray(_structured((1, 100, 120), i) * (i + 1), dims=("c", "y", "x"),
                                        coords={"c": ["AC-15"]}) for i in range(2)}
     fields["B/2/0"] = fields.pop("A/1/1")
-    plate = oz.write_plate(fields, tmp_path / "plate.zarr", chunks=64)
+    plate = write_plate(fields, tmp_path / "plate.zarr", chunks=64)
     out = predict(Path(care.basedir) / "d1", plate, tmp_path / "pout.zarr", channels=["AC-15"], tile=64,
                   norm_scope="dataset")
-    assert oz.list_fields(out) == ["A/1/0", "B/2/0"]
+    assert list_fields(out) == ["A/1/0", "B/2/0"]
     both = np.concatenate([fields[k].values.ravel() for k in ("A/1/0", "B/2/0")])
     for key in ("A/1/0", "B/2/0"):
-        vals = oz.open_image(out, field=key).attrs["l2l_scale"]["normalization"]["values"]["AC-15"]
+        vals = open_image(out, field=key).attrs["l2l_scale"]["normalization"]["values"]["AC-15"]
         assert vals == pytest.approx([np.percentile(both, 2.0), np.percentile(both, 99.8)])
 
 
@@ -148,13 +150,13 @@ def test_errors(models, image, tmp_path):
         predict(mdir, path, tmp_path / "o.zarr", channels=["AC-15", "phalloidin"], tile=100)
     with pytest.raises(ConfigError, match="too large"):
         predict(mdir, path, tmp_path / "o.zarr", channels=["AC-15", "phalloidin"], tile=1 << 20)
-    const = oz.write_image(xr.DataArray(np.full((2, 64, 64), 7, np.uint16), dims=("c", "y", "x"),
-                                        coords={"c": ["a", "b"]}), tmp_path / "const.zarr")
+    const = write_image(xr.DataArray(np.full((2, 64, 64), 7, np.uint16), dims=("c", "y", "x"),
+                                     coords={"c": ["a", "b"]}), tmp_path / "const.zarr")
     with pytest.raises(InputError, match="constant"):
         predict(mdir, const, tmp_path / "o.zarr", channels=["a", "b"])
     nan = np.ones((2, 64, 64), np.float32)
     nan[0, 3, 3] = np.nan
-    nanp = oz.write_image(xr.DataArray(nan, dims=("c", "y", "x"), coords={"c": ["a", "b"]}), tmp_path / "nan.zarr")
+    nanp = write_image(xr.DataArray(nan, dims=("c", "y", "x"), coords={"c": ["a", "b"]}), tmp_path / "nan.zarr")
     with pytest.raises(InputError, match="NaN or Inf"):
         predict(mdir, nanp, tmp_path / "o.zarr", channels=["a", "b"])
     assert not (tmp_path / "o.zarr").exists() and not (tmp_path / "o.zarr.partial").exists()
@@ -180,16 +182,16 @@ def test_resume_after_kill_on_a_plate_is_bit_identical(models, tmp_path):
     mdir = Path(care.basedir) / "d1"
     fields = {f"{'AB'[i // 6]}/{i % 6 + 1}/0": xr.DataArray(_structured((1, 128, 128), 20 + i), dims=("c", "y", "x"),
                                                               coords={"c": ["AC-15"]}) for i in range(12)}
-    src = oz.write_plate(fields, tmp_path / "in.zarr", chunks=64)
+    src = write_plate(fields, tmp_path / "in.zarr", chunks=64)
     # 32^2 blocks are small next to 64^2 tiles: they are predicted four at a time, pooled across fields.
     common = ["--channel", "AC-15", "--tile", "64", "--chunks", "32", "--scheduler", "threads"]
     total = 12 * 16
     predict(mdir, src, tmp_path / "full.zarr", channels=["AC-15"], tile=64, chunks=32)  # uninterrupted reference
     out = tmp_path / "resumed.zarr"
-    partial = oz.partial_path(out)
+    partial = partial_path(out)
     proc = subprocess.Popen([sys.executable, "-m", "l2l_scale.cli", "predict", str(mdir), str(src), str(out),
                              *common], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    progress = partial / oz.PROGRESS_DIR
+    progress = partial / PROGRESS_DIR
     deadline = time.time() + 300
     while time.time() < deadline and len(bw.recorded(progress, "0")) < 40:
         time.sleep(0.02)
@@ -219,7 +221,7 @@ def test_resume_after_kill_on_a_plate_is_bit_identical(models, tmp_path):
     b = zarr.open_group(str(out), mode="r")
     for key in fields:
         np.testing.assert_array_equal(a[key]["0"][...], b[key]["0"][...])
-    assert not (out / oz.PROGRESS_DIR).exists()
+    assert not (out / PROGRESS_DIR).exists()
 
 
 def test_plate_of_mixed_fields_and_pyramid_in_one_graph(models, tmp_path, capsys):
@@ -228,8 +230,8 @@ def test_plate_of_mixed_fields_and_pyramid_in_one_graph(models, tmp_path, capsys
     data = {"A/1/0": _structured((1, 96, 120), 1),
             "A/1/1": (_structured((1, 130, 77), 2) / 7.0).astype(np.float32),
             "B/2/0": _structured((1, 1100, 40), 3).astype(np.int16)}
-    plate = oz.write_plate({k: xr.DataArray(v, dims=("c", "y", "x"), coords={"c": ["AC-15"]})
-                            for k, v in data.items()}, tmp_path / "plate.zarr", chunks=64)
+    plate = write_plate({k: xr.DataArray(v, dims=("c", "y", "x"), coords={"c": ["AC-15"]})
+                         for k, v in data.items()}, tmp_path / "plate.zarr", chunks=64)
     root = zarr.open_group(str(plate), mode="r+")
     ome = dict(root.attrs["ome"])
     ome["plate"] = {**ome["plate"], "columns": ome["plate"]["columns"] + [{"name": "3"}],
@@ -237,9 +239,9 @@ def test_plate_of_mixed_fields_and_pyramid_in_one_graph(models, tmp_path, capsys
     root.attrs["ome"] = ome  # B/3 is listed but was never acquired
     out = predict(Path(care.basedir) / "d1", plate, tmp_path / "out.zarr", channels=["AC-15"], tile=128, chunks=64)
     assert "1 well(s) without fields are skipped: B/3" in capsys.readouterr().err
-    assert oz.list_fields(out) == ["A/1/0", "A/1/1", "B/2/0"]
+    assert list_fields(out) == ["A/1/0", "A/1/1", "B/2/0"]
     for key, x in data.items():
-        np.testing.assert_allclose(oz.open_image(out, field=key).values, _reference(care, x, [0]), atol=1e-4, rtol=0)
+        np.testing.assert_allclose(open_image(out, field=key).values, _reference(care, x, [0]), atol=1e-4, rtol=0)
     group = zarr.open_group(str(out / "B/2/0"), mode="r")
     level0, level1 = group["0"][...], group["1"][...]
     assert level1.shape == (1, 550, 20)

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from l2l_scale.io import ome_zarr as oz
+from l2l_scale.io.read import open_image
+from l2l_scale.io.write import write_image
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -59,7 +60,7 @@ def model_and_image(tmp_path_factory):
     mdir = export_model(build_unet(spec), spec, tmp / "model", metadata={"channels": {"input": ["AC-15"]}})
     rng = np.random.default_rng(3)
     data = rng.poisson(300, size=(1, 200, 330)).astype(np.uint16)
-    img = oz.write_image(xr.DataArray(data, dims=("c", "y", "x"), coords={"c": ["AC-15"]}), tmp / "in.zarr")
+    img = write_image(xr.DataArray(data, dims=("c", "y", "x"), coords={"c": ["AC-15"]}), tmp / "in.zarr")
     return mdir, img
 
 
@@ -90,4 +91,4 @@ def test_cli_uses_an_external_scheduler(cluster, model_and_image, tmp_path):
     assert run.returncode == 0, run.stderr
     assert "Dask dashboard:" in run.stderr
     local = predict(mdir, img, tmp_path / "local.zarr", channels=["AC-15"], tile=64)  # the Python API
-    np.testing.assert_array_equal(oz.open_image(tmp_path / "ext.zarr").values, oz.open_image(local).values)
+    np.testing.assert_array_equal(open_image(tmp_path / "ext.zarr").values, open_image(local).values)

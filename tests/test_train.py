@@ -26,7 +26,8 @@ from scipy import ndimage
 from l2l_scale.cli import main
 from l2l_scale.config import PRESETS, TrainConfig, train_config
 from l2l_scale.errors import ConfigError, OutputError
-from l2l_scale.io import ome_zarr as oz
+from l2l_scale.io.read import open_image
+from l2l_scale.io.write import write_image, write_plate
 from l2l_scale.patches import ATTRS_KEY, create_patches, open_patches
 
 pytestmark = pytest.mark.timeout(600)
@@ -59,7 +60,7 @@ def data(tmp_path_factory):
     plate = base / "plate.zarr"
     fields = {f"A/1/{i}": xr.DataArray(_field(i), dims=("c", "y", "x"), coords={"c": ["in", "tg"]},
                                        attrs={"pixel_size": 0.05}) for i in range(4)}
-    oz.write_plate(fields, plate, chunks=64)
+    write_plate(fields, plate, chunks=64)
     store = create_patches(plate, base / "patches.zarr", input_channels=["in"], target_channels=["tg"],
                            patch_size=32, patches_per_image=24, percentiles=(1, 99.9), split_by="patch",
                            validation_fraction=0.25, chunk_patches=16)
@@ -167,7 +168,7 @@ def test_csbdeep_loads_and_predicts_identically(trained, data, tmp_path):
 
     raw = _field(11, size=100)  # odd-sized: CSBDeep and predict pad to the U-Net grid
     img = xr.DataArray(raw, dims=("c", "y", "x"), coords={"c": ["in", "tg"]}, attrs={"pixel_size": 0.05})
-    oz.write_image(img, tmp_path / "img.zarr", chunks=64)
+    write_image(img, tmp_path / "img.zarr", chunks=64)
     lo, hi = np.percentile(raw[0], [1, 99.9])
     x = ((raw[0].astype(np.float32) - np.float32(lo)) / (np.float32(hi) - np.float32(lo) + np.float32(1e-20)))
     care = CARE(None, trained.name, basedir=str(trained.parent))
@@ -175,7 +176,7 @@ def test_csbdeep_loads_and_predicts_identically(trained, data, tmp_path):
     ours = load_model(trained).predict_batch(x[None, :96, :96, None])[0, ..., 0]
     np.testing.assert_allclose(care.predict(x[:96, :96], "YX", normalizer=None), ours, atol=1e-5)
     out = predict(trained, tmp_path / "img.zarr", tmp_path / "restored.zarr")
-    restored = np.asarray(oz.open_image(out).sel(c="in-restored").values)
+    restored = np.asarray(open_image(out).sel(c="in-restored").values)
     np.testing.assert_allclose(restored, ref, atol=1e-5)
 
 
@@ -482,8 +483,8 @@ def test_label2label_beats_noise2noise_on_simulated_actin(tmp_path):
 
     size, train_seeds, test_seeds = 1024, [0, 1, 2, 3], [10, 11]
     plate = tmp_path / "actin.zarr"
-    oz.write_plate({f"A/1/{i}": simulate("actin", size, seed=s, n2n=True) for i, s in enumerate(train_seeds)},
-                   plate)
+    write_plate({f"A/1/{i}": simulate("actin", size, seed=s, n2n=True) for i, s in enumerate(train_seeds)},
+                plate)
     kw = dict(patch_size=64, patches_per_image=512, augment=True, percentiles=(1, 99.9), split_by="patch",
               validation_fraction=0.05)
     l2l = create_patches(plate, tmp_path / "l2l.zarr", mode="l2l", input_channels=["AC-15"],

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from l2l_scale.cli import main
-from l2l_scale.io import ome_zarr as oz
+from l2l_scale.io.read import open_image
 
 
 def _write_czi(path, data, names, pixel_um):
@@ -32,7 +32,7 @@ def test_convert_reads_czi_lazily(tmp_path):
     lazy = read_vendor(czi)
     assert isinstance(lazy.data, da.Array) and lazy.dims == ("c", "y", "x")
     assert main(["convert", str(czi), str(tmp_path / "field.zarr"), "--chunks", "32", "--scheduler", "threads"]) == 0
-    img = oz.open_image(tmp_path / "field.zarr")
+    img = open_image(tmp_path / "field.zarr")
     assert list(img.coords["c"].values) == ["AC-15", "phalloidin"]
     assert img.attrs["pixel_size"]["y"] == pytest.approx(0.065) and img.attrs["pixel_size"]["x"] == pytest.approx(0.065)
     np.testing.assert_array_equal(img.values, data)

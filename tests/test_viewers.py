@@ -20,7 +20,8 @@ import pytest
 import xarray as xr
 import zarr
 
-from l2l_scale.io import ome_zarr as oz
+from l2l_scale.io.read import open_image
+from l2l_scale.io.write import write_plate
 
 KEYS = ["A/1/0", "A/1/1", "B/3/0"]
 ZARRITA = "zarrita@0.7.5"
@@ -39,7 +40,7 @@ def restored(tmp_path_factory):
     fields = {k: xr.DataArray(np.asarray(simulate("actin", 48, seed=i).values), dims=("c", "y", "x"),
                               coords={"c": ["AC-15", "phalloidin", "truth"]}, attrs={"pixel_size": 0.05})
               for i, k in enumerate(KEYS)}
-    oz.write_plate(fields, base / "plate.zarr", chunks=32)
+    write_plate(fields, base / "plate.zarr", chunks=32)
     return predict(model, base / "plate.zarr", base / "restored.zarr", tile=32)
 
 
@@ -61,7 +62,7 @@ def test_restored_plate_lists_every_well_and_field_in_ome_zarr_models(restored):
             (ms,) = img.ome_attributes.multiscales
             assert [a.name for a in ms.axes] == ["c", "y", "x"]
             level0 = np.asarray(root[f"{key}/{ms.datasets[0].path}"][...])
-            np.testing.assert_array_equal(level0, oz.open_image(out, field=key).values)
+            np.testing.assert_array_equal(level0, open_image(out, field=key).values)
             assert level0.shape == (1, 48, 48) and np.isfinite(level0).all()
             listed.append(key)
     assert sorted(listed) == keys
@@ -156,6 +157,6 @@ def test_js_viewer_renders_a_restored_field_in_headless_chromium(restored, tmp_p
     got = np.asarray(PILImage.open(shot).convert("L"), dtype=np.int16)[:48, :48]
     attrs = zarr.open_group(str(restored / key), mode="r").attrs["ome"]
     window = attrs["omero"]["channels"][0]["window"]
-    data = oz.open_image(restored, field=key).values[0]
+    data = open_image(restored, field=key).values[0]
     want = np.round(255 * np.clip((data - window["start"]) / (window["end"] - window["start"]), 0, 1))
     assert np.abs(got - want).max() <= 1 and want.std() > 10  # the restored pixels, not a blank canvas

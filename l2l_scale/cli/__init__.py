@@ -22,7 +22,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # TensorFlow's C++ start-up chatter and tifffile's per-page warnings are noise next to our one-line errors.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     logging.getLogger("tifffile").setLevel(logging.CRITICAL)
-    from l2l_scale.io.ome_zarr import set_command_line
+    from l2l_scale.io.prov import set_command_line
 
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()

@@ -28,7 +28,8 @@ def _cluster(args: argparse.Namespace, *, model_step: bool = False, inputs: Sequ
              output: str | None = None):
     """Check the paths first (so a typo fails in a second, not after a cluster start), then open the client."""
     from l2l_scale.cluster import config_from_options, dask_client
-    from l2l_scale.io.ome_zarr import check_output, require_exists
+    from l2l_scale.io.output import check_output
+    from l2l_scale.io.read import require_exists
 
     for path in inputs:
         require_exists(path)
@@ -59,7 +60,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from l2l_scale.io.ome_zarr import read_info
+    from l2l_scale.io.read import read_info
     from l2l_scale.io.info import format_info
 
     info = read_info(args.path)
@@ -117,7 +118,7 @@ def _cmd_contrast(args: argparse.Namespace) -> int:
 
     pct = _floats(args.percentiles, 2, "--percentiles")
     if args.json:  # refuse an existing JSON before computing
-        from l2l_scale.io.ome_zarr import check_output
+        from l2l_scale.io.output import check_output
 
         check_output(args.json, overwrite=args.overwrite, inputs=[args.input])
     with _cluster(args, inputs=[args.input]):

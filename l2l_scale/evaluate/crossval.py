@@ -258,7 +258,8 @@ def plan_crossval(dataset: str | Path, out_dir: str | Path, *, input_channels: S
         ``out_dir`` exists without ``resume``/``overwrite``, or overlaps the dataset.
     """
     from l2l_scale.config import get_preset, patch_config, train_config
-    from l2l_scale.io import ome_zarr as oz
+    from l2l_scale.io.output import check_output
+    from l2l_scale.io.read import list_images, open_image, require_exists
 
     dataset, out_dir = Path(dataset), Path(out_dir)
     if mode not in ("l2l", "n2n"):
@@ -324,8 +325,8 @@ def plan_crossval(dataset: str | Path, out_dir: str | Path, *, input_channels: S
         raise ConfigError(f"--smooth {smooth} must be >= 0 (paper: 1.5 for STED caveolae, else 0)")
 
     # The dataset: one pair per image; metadata only.
-    oz.require_exists(dataset)
-    refs = oz.list_images(dataset)
+    require_exists(dataset)
+    refs = list_images(dataset)
     n_total = len(refs)
     if n_total < k:
         raise InputError(f"{dataset} has {n_total} image pair(s) but {k}-fold cross-validation needs at least {k}; "
@@ -334,7 +335,7 @@ def plan_crossval(dataset: str | Path, out_dir: str | Path, *, input_channels: S
         raise InputError(f"{dataset} has {n_total} image pairs but --pairs asks for N={max(ns)}; use N <= "
                          f"{n_total} or add pairs")
     for ref in refs:
-        img = oz.open_image(ref.path)
+        img = open_image(ref.path)
         names = [str(c) for c in img.coords["c"].values] if "c" in img.dims else []
         for ch, what in ((in_ch, "input"), (tg_ch, "target"), (ref_ch, "reference")):
             if ch not in names:
@@ -357,7 +358,7 @@ def plan_crossval(dataset: str | Path, out_dir: str | Path, *, input_channels: S
         # --overwrite deletes OUT_DIR: never a folder that some other program wrote.
         raise OutputError(f"{out_dir} is not a crossval results folder (no {RUN_FILE}); --overwrite only replaces "
                           "those, choose another OUT_DIR")
-    oz.check_output(out_dir, overwrite=True, inputs=[dataset])  # overlap, lock, writable parent
+    check_output(out_dir, overwrite=True, inputs=[dataset])  # overlap, lock, writable parent
 
     settings = {
         "dataset": str(dataset.resolve()),

@@ -77,7 +77,7 @@ def _sd(values: np.ndarray) -> float:
 
 def _summarise(plan: CrossvalPlan, results: list[dict]) -> dict:
     """The ``crossval.json`` content from the fold results (read from disk, so a resumed run gives the same)."""
-    from l2l_scale.io import ome_zarr as oz
+    from l2l_scale.io.prov import provenance
 
     s = plan.settings
     by_n: dict[str, dict] = {}
@@ -105,7 +105,7 @@ def _summarise(plan: CrossvalPlan, results: list[dict]) -> dict:
         "definition": "(m(restoration, reference) - m(input, reference)) / m(input, reference) of the means over "
                       "each fold's held-out pairs; m = NRMSE (min-max) or 5-scale MS-SSIM on whole images, each "
                       "normalised with its own exact percentiles; one value per (repeat, fold), repeat-major",
-        "provenance": oz.provenance(s, s["dataset"]),
+        "provenance": provenance(s, s["dataset"]),
     }
 
 

@@ -82,7 +82,9 @@ from l2l_scale.evaluate.images import (
     parse_method,
 )
 from l2l_scale.evaluate.maps import _radius, rms_map, ssim_map
-from l2l_scale.io import ome_zarr as oz
+from l2l_scale.io.output import atomic_output, check_output
+from l2l_scale.io.prov import provenance
+from l2l_scale.io.write import write_image
 
 __all__ = [
     "CSV_COLUMNS",
@@ -372,7 +374,7 @@ def evaluate(target: Any, restorations: Mapping[str, Any] | Sequence[Any], outpu
                          "'l2l-scale crossval'")
     output_dir = Path(output_dir)
     inputs = sorted({str(im.spec.path) for im in everything})
-    oz.check_output(output_dir, overwrite=overwrite, inputs=inputs)
+    check_output(output_dir, overwrite=overwrite, inputs=inputs)
 
     _normalise(everything, mode, q, float(smooth))
     references = [tgt] + ([tru] if tru else [])
@@ -441,9 +443,9 @@ def evaluate(target: Any, restorations: Mapping[str, Any] | Sequence[Any], outpu
                                                     "halo": _radius(rms_sigma, 4.0)},
                  "ssim": {"sigma": 1.5, "truncate": 3.5, "halo": _radius(1.5, 3.5), "k1": 0.01, "k2": 0.03}},
     }
-    prov = oz.provenance(parameters, [str(im.spec) for im in everything])
+    prov = provenance(parameters, [str(im.spec) for im in everything])
     maps: dict[str, dict] = {}
-    with oz.atomic_output(output_dir, overwrite=overwrite, inputs=inputs) as tmp:
+    with atomic_output(output_dir, overwrite=overwrite, inputs=inputs) as tmp:
         if rest:
             (tmp / MAPS_DIR).mkdir()
         for im in rest:
@@ -454,14 +456,14 @@ def evaluate(target: Any, restorations: Mapping[str, Any] | Sequence[Any], outpu
                                coords={"c": ["rms", "ssim"], "y": tgt.data.coords["y"].values,
                                        "x": tgt.data.coords["x"].values})
             rel = f"{MAPS_DIR}/{im.name}.zarr"
-            map_prov = oz.provenance(parameters["maps"], [str(map_ref.spec), str(im.spec)],
-                                     maps={"reference": map_ref.name, "method": im.name,
-                                           "channels": {"rms": "local RMS difference, normalised units",
-                                                        "ssim": "local SSIM"},
-                                           "normalize": mode, "percentiles": list(q)})
-            oz.write_image(arr, tmp / rel, pixel_size={"y": _pixel_size(tgt.data)[0], "x": _pixel_size(tgt.data)[1]},
-                           chunks=chunks, provenance=map_prov, name=f"{im.name}-maps",
-                           label=f"difference maps {im.name}")
+            map_prov = provenance(parameters["maps"], [str(map_ref.spec), str(im.spec)],
+                                  maps={"reference": map_ref.name, "method": im.name,
+                                        "channels": {"rms": "local RMS difference, normalised units",
+                                                     "ssim": "local SSIM"},
+                                        "normalize": mode, "percentiles": list(q)})
+            write_image(arr, tmp / rel, pixel_size={"y": _pixel_size(tgt.data)[0], "x": _pixel_size(tgt.data)[1]},
+                        chunks=chunks, provenance=map_prov, name=f"{im.name}-maps",
+                        label=f"difference maps {im.name}")
             maps[im.name] = {"path": rel, "channels": ["rms", "ssim"], "reference": map_ref.name}
         _write_csv(rows, tmp / METRICS_FILE)
         result = {

@@ -18,7 +18,7 @@ import numpy as np
 import xarray as xr
 
 from l2l_scale.errors import ChannelError, ConfigError, InputError
-from l2l_scale.io import ome_zarr as oz
+from l2l_scale.io.read import open_image, select_channels
 
 __all__ = ["ImageSpec", "load_image", "parse_method"]
 
@@ -153,7 +153,7 @@ def load_image(spec: "str | Path | ImageSpec | tuple", *, what: str = "image") -
         No channel given for a multi-channel image, or an unknown channel.
     """
     spec = ImageSpec.parse(spec)
-    img = oz.open_image(spec.path)
+    img = open_image(spec.path)
     channel = None
     if "c" in img.dims:
         names = [str(c) for c in img.coords["c"].values]
@@ -163,7 +163,7 @@ def load_image(spec: "str | Path | ImageSpec | tuple", *, what: str = "image") -
             img = img.isel(c=0)
         else:
             try:
-                img = oz.select_channels(img, [spec.channel]).isel(c=0)
+                img = select_channels(img, [spec.channel]).isel(c=0)
             except ChannelError as exc:
                 raise ChannelError(f"{what} {spec.path}: {exc}") from None
         channel = str(img.coords["c"].values)

@@ -195,7 +195,7 @@ def _fig_maps(ev: dict, results_dir: Path, box: tuple[int, int, int, int]) -> tu
     """Per method: the whole RMS map (coarsest level), its crop, and the SSIM crop. Returns (uri, provs, missing)."""
     from matplotlib.patches import Rectangle
 
-    from l2l_scale.io.ome_zarr import open_image
+    from l2l_scale.io.read import open_image
 
     y0, x0, h, w = box
     rows, provs, missing = [], [], []

@@ -235,7 +235,7 @@ def report(results_dir: str | Path, out: str | Path | None = None, *, crop_size:
     OutputError
         The report exists (without ``overwrite``) or cannot be written.
     """
-    from l2l_scale.io.ome_zarr import check_output
+    from l2l_scale.io.output import check_output
 
     results = load_results(results_dir)
     out = Path(out) if out is not None else Path(results_dir) / REPORT_FILE

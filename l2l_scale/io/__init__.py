@@ -1,13 +1,13 @@
-"""Image I/O: OME-Zarr images and plates (:mod:`.ome_zarr`) and TIFF ingest (:mod:`.convert`)."""
+"""Image I/O: OME-Zarr reading (:mod:`.read`) and writing (:mod:`.write`), the output lifecycle (:mod:`.output`),
+provenance (:mod:`.prov`), and TIFF ingest (:mod:`.convert`, :mod:`.tiff`)."""
 
-from l2l_scale.io.ome_zarr import (  # noqa: F401
+from l2l_scale.io.prov import provenance  # noqa: F401
+from l2l_scale.io.read import (  # noqa: F401
     ImageRef,
     list_fields,
     list_images,
     open_image,
-    provenance,
     read_info,
     select_channels,
-    write_image,
-    write_plate,
 )
+from l2l_scale.io.write import write_image, write_plate  # noqa: F401

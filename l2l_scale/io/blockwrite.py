@@ -213,7 +213,7 @@ def finish_block(group: str, dims: Sequence[str], channel_names: Sequence[str], 
     The group document is read and rewritten as JSON on a local filesystem (a few hundred microseconds,
     against several milliseconds through zarr's group API, per field of a plate).
     """
-    from l2l_scale.io.ome_zarr import display_windows, finish_image_group, omero_metadata
+    from l2l_scale.io.write import display_windows, finish_image_group, omero_metadata
 
     doc_path = Path(group) / "zarr.json"
     try:

@@ -1,4 +1,4 @@
-"""Human-readable description of what :func:`l2l_scale.io.ome_zarr.read_info` returns."""
+"""Human-readable description of what :func:`l2l_scale.io.read.read_info` returns."""
 
 from __future__ import annotations
 

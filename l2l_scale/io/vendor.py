@@ -1,6 +1,6 @@
 """Vendor microscopy formats (Zeiss CZI, Nikon ND2, Leica LIF) read lazily through bioio and its plugins.
 
-:func:`read_vendor` returns the same dask-backed :class:`xarray.DataArray` as :func:`l2l_scale.io.convert.read_tiff`
+:func:`read_vendor` returns the same dask-backed :class:`xarray.DataArray` as :func:`l2l_scale.io.tiff.read_tiff`
 (dims a subsequence of ``t, c, z, y, x`` that always includes ``c``, micrometre coords, channel names as the ``c``
 coord), so ``convert`` writes a vendor file like a TIFF. Pixels are read plane by plane (bioio's dask chunks)
 when the graph runs; the graph pickles, so it runs on distributed workers. The first scene is read.
@@ -52,7 +52,7 @@ def read_vendor(path: str | Path, *, pixel_size: float | tuple | Mapping | None 
     Returns
     -------
     xarray.DataArray
-        As :func:`l2l_scale.io.convert.read_tiff`: singleton ``t``/``z`` dropped, ``c`` kept.
+        As :func:`l2l_scale.io.tiff.read_tiff`: singleton ``t``/``z`` dropped, ``c`` kept.
 
     Raises
     ------
@@ -63,7 +63,7 @@ def read_vendor(path: str | Path, *, pixel_size: float | tuple | Mapping | None 
     """
     import xarray as xr
 
-    from l2l_scale.io.convert import _override_pixel_size
+    from l2l_scale.io.tiff import _override_pixel_size
 
     path = Path(path)
     try:

@@ -56,10 +56,10 @@ def _require_bioimageio():
 def _test_image(loaded, test_image: str | Path | None, channels: Sequence[str], size: int, grid: int,
                 min_size: int):
     """An xarray image with the model's input channel names: the user's OME-Zarr, else a simulated field."""
-    from l2l_scale.io import ome_zarr as oz
+    from l2l_scale.io.read import open_image
 
     if test_image is not None:
-        img = oz.open_image(test_image)
+        img = open_image(test_image)
         missing = [c for c in channels if c not in [str(v) for v in img.coords["c"].values]]
         if missing:
             raise ConfigError(f"test image {test_image} has no channel(s) {', '.join(missing)}; pass an image with "
@@ -85,12 +85,13 @@ def _test_image(loaded, test_image: str | Path | None, channels: Sequence[str], 
 
 def _run_predict(model_dir: Path, img, channels: Sequence[str], percentiles, work: Path) -> np.ndarray:
     """l2l-scale's own predict on the test image: the reference output of the package."""
-    from l2l_scale.io import ome_zarr as oz
+    from l2l_scale.io.read import open_image
+    from l2l_scale.io.write import write_image
     from l2l_scale.predict import predict
 
-    src = oz.write_image(img.astype(np.float32), work / "test_input.zarr", chunks=_MIN_TEST_SIZE)
+    src = write_image(img.astype(np.float32), work / "test_input.zarr", chunks=_MIN_TEST_SIZE)
     out = predict(model_dir, src, work / "test_output.zarr", channels=list(channels), percentiles=percentiles)
-    return np.asarray(oz.open_image(out).values, dtype=np.float32)
+    return np.asarray(open_image(out).values, dtype=np.float32)
 
 
 def _cover(x: np.ndarray, y: np.ndarray, path: Path) -> None:

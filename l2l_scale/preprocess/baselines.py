@@ -544,7 +544,9 @@ def run_baseline(method: str, input: str | Path, output: str | Path, *, channels
     **overrides
         ``sigma``, ``radius``, ``size``, ``grid``, ``kernel_size``, ``clip_limit``, ``nbins``.
     """
-    from l2l_scale.io import ome_zarr as oz
+    from l2l_scale.io.output import check_output
+    from l2l_scale.io.prov import provenance
+    from l2l_scale.io.read import dataset_kind, list_images, open_image, select_channels
     from l2l_scale.preprocess.dataset import _plane_image, _yx_chunk, write_dataset
 
     params = resolve_parameters(method, preset, **overrides)
@@ -552,14 +554,14 @@ def run_baseline(method: str, input: str | Path, output: str | Path, *, channels
     if not channels:
         raise ConfigError("no channel given; name the channel(s) to filter with --channel")
     input, output = Path(input), Path(output)
-    kind = oz.dataset_kind(input)
-    refs = oz.list_images(input)
-    oz.check_output(output, overwrite=overwrite, inputs=[input])
+    kind = dataset_kind(input)
+    refs = list_images(input)
+    check_output(output, overwrite=overwrite, inputs=[input])
     # Validate every field before computing anything (CLAHE runs two passes while building its graph).
     images = []
     for ref in refs:
-        img = _plane_image(oz.open_image(ref.path), ref.path)
-        oz.select_channels(img, channels)
+        img = _plane_image(open_image(ref.path), ref.path)
+        select_channels(img, channels)
         images.append((ref, img))
     record = {"method": method, "preset": preset, "channels": channels, **params, "halo": _halo(method, params)}
     items = []
@@ -568,8 +570,8 @@ def run_baseline(method: str, input: str | Path, output: str | Path, *, channels
         out = xr.DataArray(da.stack(planes), dims=("c", "y", "x"),
                            coords={"c": channels, "y": img.coords["y"].values, "x": img.coords["x"].values},
                            attrs={"pixel_size": dict(img.attrs.get("pixel_size") or {})})
-        items.append((ref.key, out, oz.provenance(record, str(ref.path), baseline=record)))
+        items.append((ref.key, out, provenance(record, str(ref.path), baseline=record)))
     chunk = chunks or _yx_chunk(images[0][1])
-    root = oz.provenance(record, str(input), baseline=record) if kind == "plate" else None
+    root = provenance(record, str(input), baseline=record) if kind == "plate" else None
     return write_dataset(kind, items, output, root_provenance=root, overwrite=overwrite, resume=resume,
                          inputs=[input], chunks=chunk, label=f"{method}")

@@ -253,18 +253,18 @@ def dataset_contrast(path, channels, *, top_fraction: float = 0.10, sigma: float
     InputError
         A constant channel in some image (named in the message), or unreadable input.
     """
-    from l2l_scale.io import ome_zarr as oz
+    from l2l_scale.io.read import list_images, open_image, select_channels
 
     channels = [str(c) for c in channels]
     if len(channels) < 2 or len(set(channels)) != len(channels):
         raise ConfigError(f"give at least two different channels to compare, e.g. --channels AC-15,phalloidin "
                           f"(got {channels})")
     _check_contrast_params(sigma, percentiles, top_fraction, clip)
-    refs = oz.list_images(path)
+    refs = list_images(path)
     images = []
     for ref in refs:  # open and validate everything before the first (expensive) pass
-        img = oz.open_image(ref.path)
-        oz.select_channels(img, channels)
+        img = open_image(ref.path)
+        select_channels(img, channels)
         extra = [d for d in img.dims if d not in ("c", "y", "x")]
         if any(img.sizes[d] > 1 for d in extra):
             raise InputError(f"{ref.path}: contrast handles 2-D fields, this image has "
@@ -317,7 +317,7 @@ def recommend(summary: dict) -> dict:
 def save_contrast(result: dict, path, *, overwrite: bool = False, inputs=()) -> Path:
     """Write a :func:`dataset_contrast` result as JSON, atomically (refuses an existing file without overwrite)."""
     from l2l_scale.io.atomic import write_json
-    from l2l_scale.io.ome_zarr import check_output
+    from l2l_scale.io.output import check_output
 
     path = check_output(Path(path), overwrite=overwrite, inputs=inputs)
     return write_json(path, result)

@@ -21,10 +21,10 @@ def write_dataset(kind: str, items: Sequence[tuple[str, xr.DataArray, Mapping[st
     Parameters
     ----------
     kind : {"image", "plate", "well", "folder"}
-        The input's :func:`~l2l_scale.io.ome_zarr.dataset_kind`. A plate is written as a plate with the same
+        The input's :func:`~l2l_scale.io.read.dataset_kind`. A plate is written as a plate with the same
         row/column/field layout, a folder (or well) as a folder of ``<key>.zarr`` images.
     items : sequence of (key, image, provenance)
-        ``key`` as in :func:`~l2l_scale.io.ome_zarr.list_images`; each image gets its own provenance (e.g. its
+        ``key`` as in :func:`~l2l_scale.io.read.list_images`; each image gets its own provenance (e.g. its
         own registration shifts).
     output : path
         Written atomically: it appears only when every image is complete.
@@ -33,42 +33,43 @@ def write_dataset(kind: str, items: Sequence[tuple[str, xr.DataArray, Mapping[st
     resume : bool
         Finish an interrupted run with the same options: only blocks without a completion record are written.
     chunks : int or mapping, optional
-        y/x chunk size, see :func:`~l2l_scale.io.ome_zarr.write_image`.
+        y/x chunk size, see :func:`~l2l_scale.io.write.write_image`.
     """
     import zarr
 
     from l2l_scale.cluster import compute_waves
-    from l2l_scale.io import ome_zarr as oz
+    from l2l_scale.io.output import PROGRESS_DIR, atomic_output, check_run
+    from l2l_scale.io.write import image_write_tasks, split_field_key, write_plate_layout
     from l2l_scale.io.blockwrite import BlockWriter
 
     output = Path(output)
     # What the images are made of; when and by which command line they were made may differ on resume.
     run = {key: {k: v for k, v in prov.items() if k not in ("created", "command")} for key, _, prov in items}
-    with oz.atomic_output(output, overwrite=overwrite, resume=resume, inputs=inputs) as tmp:
-        progress = tmp / oz.PROGRESS_DIR
+    with atomic_output(output, overwrite=overwrite, resume=resume, inputs=inputs) as tmp:
+        progress = tmp / PROGRESS_DIR
         if resume:
-            oz.check_run(progress, {"images": run}, output, resume)
+            check_run(progress, {"images": run}, output, resume)
         if kind == "plate":
             layout: dict[tuple[str, str], list[str]] = {}
             for key, _, _ in items:
-                r, c, f = oz.split_field_key(key)
+                r, c, f = split_field_key(key)
                 layout.setdefault((r, c), []).append(f)
             root = zarr.open_group(str(tmp), mode="a", zarr_format=3)
-            oz.write_plate_layout(root, {rc: sorted(f, key=int) for rc, f in layout.items()},
-                                  name=output.name.removesuffix(".zarr"),
-                                  attrs_extra={"l2l_scale": dict(root_provenance)} if root_provenance else None)
+            write_plate_layout(root, {rc: sorted(f, key=int) for rc, f in layout.items()},
+                               name=output.name.removesuffix(".zarr"),
+                               attrs_extra={"l2l_scale": dict(root_provenance)} if root_provenance else None)
 
         def units():
             for key, img, prov in items:
                 if kind == "image":
                     dest, name = tmp, output.name.removesuffix(".zarr")
                 elif kind == "plate":
-                    r, c, f = oz.split_field_key(key)
+                    r, c, f = split_field_key(key)
                     dest, name = tmp / r / c / f, f"{r}{c}-{f}"
                 else:
                     dest, name = tmp / f"{key}.zarr", key
-                yield oz.image_write_tasks(dest, img, writer, unit=key, chunks=chunks, name=name, resume=resume,
-                                           attrs_extra={"l2l_scale": dict(prov)} if prov else None)
+                yield image_write_tasks(dest, img, writer, unit=key, chunks=chunks, name=name, resume=resume,
+                                        attrs_extra={"l2l_scale": dict(prov)} if prov else None)
 
         writer = BlockWriter(progress if resume else None)
         compute_waves(units(), label, n_units=len(items), unit_name="fields" if kind == "plate" else "images")

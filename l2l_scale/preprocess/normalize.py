@@ -238,7 +238,7 @@ def dataset_stats(path: str | Path, *, q: str | Sequence[float] = (1.0, 99.9), s
         ``key`` is the image's key in the dataset ("" for a single image, "A/1/0" for plate fields).
     """
     from l2l_scale import __version__
-    from l2l_scale.io.ome_zarr import channel_indices, image_meta, list_images
+    from l2l_scale.io.read import channel_indices, image_meta, list_images
 
     lo_q, hi_q = parse_percentiles(q)
     if scope not in SCOPES:
@@ -338,7 +338,7 @@ def write_stats(stats: dict, path: str | Path, *, overwrite: bool = False) -> Pa
         ``stats`` is not a valid stats dict.
     """
     from l2l_scale.io.atomic import write_json
-    from l2l_scale.io.ome_zarr import check_output
+    from l2l_scale.io.output import check_output
 
     path = check_output(path, overwrite=overwrite)
     _validate(stats, "")
@@ -389,7 +389,7 @@ def load_stats(path: str | Path) -> dict:
     InputError
         Missing file, invalid JSON, or not a (supported) stats file.
     """
-    from l2l_scale.io.ome_zarr import read_json
+    from l2l_scale.io.read import read_json
 
     return _validate(read_json(path), path)
 

@@ -68,7 +68,7 @@ def _zarr_chunks_stats(items: _Opaque) -> dict:
     ``items.value`` lists ``(source, source index, chunk region, hist requests, gather requests)``.
     """
     from l2l_scale.io.chunks import cached_array
-    from l2l_scale.io.ome_zarr import read_region
+    from l2l_scale.io.read import read_region
 
     out: dict[int, dict] = {}
     for src, s, region, hist, gather in items.value:

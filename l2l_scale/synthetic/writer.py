@@ -47,7 +47,9 @@ def write_simulation(output, *, structure: str = "actin", size: int | tuple[int,
     pathlib.Path
         The written path.
     """
-    from l2l_scale.io.ome_zarr import check_output, provenance, write_image, write_plate
+    from l2l_scale.io.output import check_output
+    from l2l_scale.io.prov import provenance
+    from l2l_scale.io.write import write_image, write_plate
 
     fields = _parse_int(fields, "fields", "--fields 1")
     if fields < 1:

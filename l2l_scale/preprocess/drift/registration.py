@@ -20,7 +20,7 @@ from l2l_scale.preprocess.drift.shift import common_region, shift_halo, shift_im
 
 def _coarse_level(path: Path) -> int | None:
     """Index of the finest pyramid level with both sides <= COARSE_MAX (None: the image has no such level)."""
-    from l2l_scale.io.ome_zarr import open_image
+    from l2l_scale.io.read import open_image
 
     img0 = open_image(path)
     for level in range(int(img0.attrs["n_levels"])):
@@ -82,7 +82,9 @@ def register(input: str | Path, output: str | Path, *, reference: str, moving: S
         ``{field key: {"reference", "method", "order", "shifts": {channel: [dy, dx]}, "estimates": {...},
         "crop": {"y": [start, stop], "x": [...]}}}`` (key ``""`` for a single image).
     """
-    from l2l_scale.io import ome_zarr as oz
+    from l2l_scale.io.output import check_output
+    from l2l_scale.io.prov import provenance
+    from l2l_scale.io.read import dataset_kind, list_images, open_image, select_channels
 
     input, output = Path(input), Path(output)
     moving = [str(m) for m in moving]
@@ -94,13 +96,13 @@ def register(input: str | Path, output: str | Path, *, reference: str, moving: S
         raise ConfigError(f"channel {reference!r} is both the reference and a moving channel; drop it from --moving")
     shift_halo((0.0, 0.0), order)  # validates the order
     inputs = [input] + ([Path(moving_image)] if moving_image is not None else [])
-    kind = oz.dataset_kind(input)
-    refs = oz.list_images(input)
-    oz.check_output(output, overwrite=overwrite, inputs=inputs)  # fail before any computation
+    kind = dataset_kind(input)
+    refs = list_images(input)
+    check_output(output, overwrite=overwrite, inputs=inputs)  # fail before any computation
     mrefs = None
     if moving_image is not None:
-        mkind = oz.dataset_kind(moving_image)
-        mlist = oz.list_images(moving_image)
+        mkind = dataset_kind(moving_image)
+        mlist = list_images(moving_image)
         mrefs = {r.key: r for r in mlist}
         if mkind != kind or set(mrefs) != {r.key for r in refs}:
             raise InputError(f"{moving_image}: its layout ({mkind}, {len(mlist)} images) does not match {input} "
@@ -111,23 +113,23 @@ def register(input: str | Path, output: str | Path, *, reference: str, moving: S
     results: dict[str, dict] = {}
     items = []
     for ref in refs:
-        img = _plane_image(oz.open_image(ref.path), ref.path)
+        img = _plane_image(open_image(ref.path), ref.path)
         names = [str(c) for c in img.coords["c"].values]
-        oz.select_channels(img, [reference])
+        select_channels(img, [reference])
         level = _coarse_level(ref.path)
         if mrefs is None:
             mov_img, mpath, mlevel = img, ref.path, level
-            oz.select_channels(img, moving)
+            select_channels(img, moving)
         else:
             mpath = mrefs[ref.key].path
-            mov_img = _plane_image(oz.open_image(mpath), mpath)
+            mov_img = _plane_image(open_image(mpath), mpath)
             _same_geometry(img, mov_img, ref.path, mpath)
-            oz.select_channels(mov_img, moving)
+            select_channels(mov_img, moving)
             mlevel = _coarse_level(mpath)
         ref_c = mov_c = None
         if level is not None and level == mlevel:
-            ref_c = _plane_image(oz.open_image(ref.path, level), ref.path).sel(c=reference)
-            mov_c = _plane_image(oz.open_image(mpath, level), mpath)
+            ref_c = _plane_image(open_image(ref.path, level), ref.path).sel(c=reference)
+            mov_c = _plane_image(open_image(mpath, level), mpath)
         field_seed = [int(seed), zlib.crc32(ref.key.encode())]
         estimates = {}
         for ch in moving:
@@ -171,11 +173,11 @@ def register(input: str | Path, output: str | Path, *, reference: str, moving: S
         if mrefs is not None:
             info["moving_image"] = str(mpath)
         results[ref.key] = info
-        prov = oz.provenance(params, [str(ref.path)] + ([str(mpath)] if mrefs is not None else []),
-                             registration=info)
+        prov = provenance(params, [str(ref.path)] + ([str(mpath)] if mrefs is not None else []),
+                          registration=info)
         items.append((ref.key, out, prov))
-    chunk = chunks or _yx_chunk(oz.open_image(refs[0].path))
-    root = oz.provenance(params, [str(p) for p in inputs], registration={"fields": results}) if kind == "plate" else None
+    chunk = chunks or _yx_chunk(open_image(refs[0].path))
+    root = provenance(params, [str(p) for p in inputs], registration={"fields": results}) if kind == "plate" else None
     write_dataset(kind, items, output, root_provenance=root, overwrite=overwrite, resume=resume, inputs=inputs,
                   chunks=chunk, label="registering")
     return results

@@ -1,0 +1,60 @@
+"""Provenance: the ``l2l_scale`` block every output carries in its attributes (version, command, parameters,
+input, creation time, and step-specific entries such as the normalisation or the model)."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+_COMMAND_LINE: str | None = None
+
+
+def set_command_line(argv: Sequence[str]) -> None:
+    """Record the ``l2l-scale`` command line for provenance (called once by the CLI)."""
+    global _COMMAND_LINE
+    _COMMAND_LINE = shlex.join(["l2l-scale", *argv])
+
+
+def provenance(parameters: Mapping[str, Any] | None = None, inputs: Any = None, **extra: Any) -> dict:
+    """Build the ``l2l_scale`` provenance block stored in every output's attributes.
+
+    Parameters
+    ----------
+    parameters : mapping, optional
+        The parameters of the step (JSON-serialisable; paths are turned into strings).
+    inputs : str, Path or list, optional
+        The input path(s) the output was derived from.
+    **extra
+        Further entries, e.g. ``normalization=...`` or ``model=...``.
+    """
+    from l2l_scale import __version__
+
+    block = {
+        "version": __version__,
+        "command": _COMMAND_LINE or shlex.join(["python", *sys.argv]),
+        "parameters": jsonable(dict(parameters or {})),
+        "input": jsonable(inputs),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    block.update(jsonable(extra))
+    return block
+
+
+def jsonable(obj: Any) -> Any:
+    """``obj`` with paths, numpy scalars and arrays turned into JSON types (mappings and sequences recursively)."""
+    if isinstance(obj, Mapping):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    return obj
