@@ -44,7 +44,8 @@ def _stage(i: int, text: str) -> float:
 
 
 def run_demo(out: str | Path = "l2l-demo", *, size: int | None = None, epochs: int | None = None,
-             overwrite: bool = False, cluster_args: Mapping[str, Any] | None = None) -> Path:
+             overwrite: bool = False, cluster_args: Mapping[str, Any] | None = None,
+             command: str | None = None) -> Path:
     """Run the end-to-end demo and return the path of the HTML report.
 
     Parameters
@@ -59,6 +60,9 @@ def run_demo(out: str | Path = "l2l-demo", *, size: int | None = None, epochs: i
         Replace an existing demo folder.
     cluster_args : mapping, optional
         ``workers``, ``threads_per_worker``, ``memory_limit``, ``scheduler`` as for every command.
+    command : str, optional
+        The command line recorded in the provenance of every output (the CLI passes its own; default: this
+        process's command line).
     """
     from l2l_scale.cluster import config_from_options, dask_client
     from l2l_scale.evaluate.evaluate import evaluate, format_table
@@ -82,8 +86,9 @@ def run_demo(out: str | Path = "l2l-demo", *, size: int | None = None, epochs: i
     with dask_client(config_from_options(**(cluster_args or {}))):
         _stage(1, f"simulating an {PLATE_FIELDS}-field actin plate and a {size}x{size} actin mosaic")
         plate = write_simulation(out / "plate.zarr", structure="actin", size=PLATE_SIZE, fields=PLATE_FIELDS,
-                                 seed=1, n2n=True)
-        mosaic = write_simulation(out / "mosaic.zarr", structure="actin", size=size, fields=1, seed=1000, n2n=True)
+                                 seed=1, n2n=True, command=command)
+        mosaic = write_simulation(out / "mosaic.zarr", structure="actin", size=size, fields=1, seed=1000, n2n=True,
+                                  command=command)
 
         _stage(2, "measuring label contrast to choose input and target")
         contrast = dataset_contrast(plate, ["AC-15", "phalloidin"])
@@ -92,7 +97,7 @@ def run_demo(out: str | Path = "l2l-demo", *, size: int | None = None, epochs: i
         print(f"input {inp} -> target {tgt}: {rec['reason']}", file=sys.stderr)
 
         _stage(3, "extracting L2L and N2N training patches")
-        common = dict(preset="actin", augment=True, seed=0, **DEMO_PATCHES)
+        common = dict(preset="actin", augment=True, seed=0, command=command, **DEMO_PATCHES)
         p_l2l = create_patches(plate, out / "patches-l2l.zarr", mode="l2l", input_channels=[inp],
                                target_channels=[tgt], **common)
         p_n2n = create_patches(plate, out / "patches-n2n.zarr", mode="n2n", input_channels=[inp],
@@ -100,25 +105,26 @@ def run_demo(out: str | Path = "l2l-demo", *, size: int | None = None, epochs: i
 
         _stage(4, f"training an L2L and an N2N model ({epochs} epochs x {DEMO_STEPS} steps each)")
         budget = dict(preset="actin", epochs=epochs, steps_per_epoch=DEMO_STEPS, batch_size=DEMO_BATCH, loss="l1",
-                      strategy="none", **DEMO_NET)
+                      strategy="none", command=command, **DEMO_NET)
         models = out / "models"
         models.mkdir()
         m_l2l = train(p_l2l, models / "l2l", **budget)
         m_n2n = train(p_n2n, models / "n2n", **budget)
 
         _stage(5, "restoring the mosaic with both models")
-        r_l2l = predict(m_l2l, mosaic, out / "restored-l2l.zarr", channels=[inp])
-        r_n2n = predict(m_n2n, mosaic, out / "restored-n2n.zarr", channels=[inp])
+        r_l2l = predict(m_l2l, mosaic, out / "restored-l2l.zarr", channels=[inp], command=command)
+        r_n2n = predict(m_n2n, mosaic, out / "restored-n2n.zarr", channels=[inp], command=command)
 
         _stage(6, "computing the classical baselines (paper Table S1, actin)")
-        baselines = {m: run_baseline(m, mosaic, out / f"baseline-{m}.zarr", channels=[inp], preset="actin")
+        baselines = {m: run_baseline(m, mosaic, out / f"baseline-{m}.zarr", channels=[inp], preset="actin",
+                                  command=command)
                      for m in BASELINES}
 
         _stage(7, "evaluating against the target label and the ground truth")
         results = evaluate(f"{mosaic}:{tgt}", {"L2L": f"{r_l2l}", "N2N": f"{r_n2n}",
                                                **{m: str(p) for m, p in baselines.items()}},
                            out / "results", input=f"{mosaic}:{inp}", truth=f"{mosaic}:truth",
-                           models={"L2L": str(m_l2l), "N2N": str(m_n2n)})
+                           models={"L2L": str(m_l2l), "N2N": str(m_n2n)}, command=command)
 
         _stage(8, "writing the report")
         html = report(results, out / "report.html")

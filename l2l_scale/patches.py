@@ -191,7 +191,8 @@ def _layout(images: list[_Image], counts: list[int], val_images: set[int], cfg: 
 
 
 def create_patches(dataset: str | Path, output: str | Path, config: PatchConfig | None = None, *,
-                   overwrite: bool = False, resume: bool = False, **values: Any) -> Path:
+                   overwrite: bool = False, resume: bool = False, command: str | None = None,
+                   **values: Any) -> Path:
     """Sample normalised (and augmented) training patches from a dataset into a zarr patch store.
 
     Parameters
@@ -208,6 +209,9 @@ def create_patches(dataset: str | Path, output: str | Path, config: PatchConfig 
         Replace an existing store / finish an interrupted run (only unfinished tasks are computed; the result is
         bit-identical to an uninterrupted run).
 
+    command : str, optional
+        The command line recorded in the output's provenance (the CLI passes its own; default: this
+        process's command line).
     Returns
     -------
     Path
@@ -355,7 +359,7 @@ def create_patches(dataset: str | Path, output: str | Path, config: PatchConfig 
             "preset": cfg.preset,
             "config": cfg_d,
         }
-        root.attrs.update({ATTRS_KEY: meta, "l2l_scale": provenance(cfg_d, str(dataset))})
+        root.attrs.update({ATTRS_KEY: meta, "l2l_scale": provenance(cfg_d, str(dataset), command=command)})
         _say(f"{N} patches ({n_train} training, {N - n_train} validation) of {p}x{p} px from "
              f"{sum(1 for c in counts if c)} image(s)")
     return output

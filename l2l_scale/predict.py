@@ -324,7 +324,7 @@ def predict(model: str | Path, input: str | Path, output: str | Path, *, channel
             percentiles: str | Sequence[float] | None = None, norm_stats: str | None = None,
             norm_scope: str = "image", weights: str | None = None, resume: bool = False, overwrite: bool = False,
             chunks: int | None = None, halo: int | None = None, dry_run: bool = False,
-            precision: str = "fp32") -> Path | dict:
+            precision: str = "fp32", command: str | None = None) -> Path | dict:
     """Restore an OME-Zarr image, plate or folder with a CARE/L2L model, tile by tile on the Dask cluster.
 
     Parameters
@@ -364,6 +364,9 @@ def predict(model: str | Path, input: str | Path, output: str | Path, *, channel
         provenance; ``resume`` refuses a different one. bf16/fp16 are refused on CPUs without instructions for
         them (unless the cluster's workers have GPUs).
 
+    command : str, optional
+        The command line recorded in the output's provenance (the CLI passes its own; default: this
+        process's command line).
     Returns
     -------
     Path or dict
@@ -430,7 +433,7 @@ def predict(model: str | Path, input: str | Path, output: str | Path, *, channel
             elif resume and (gpath / "zarr.json").exists() and "ome" in zarr.open_group(str(gpath), mode="r").attrs:
                 _, plans = reopen_image_group(gpath)
             else:
-                prov = provenance(params, str(ref.path), model=model_prov,
+                prov = provenance(params, str(ref.path), command=command, model=model_prov,
                                   normalization={"percentiles": list(q), "scope": norm_scope,
                                                  "values": {ch: list(v) for ch, v in lo_hi.items()},
                                                  "output_units": "normalised (input percentiles -> 0, 1)"},

@@ -222,7 +222,8 @@ def _check_batch(batch: int, replicas: int) -> int:
 
 def train(patches: str | Path, model_dir: str | Path, config: TrainConfig | str | Path | None = None, *,
           resume: bool = False, overwrite: bool = False,
-          hooks: Sequence[Callable[[int, dict, Any], None]] = (), **values: Any) -> Path:
+          hooks: Sequence[Callable[[int, dict, Any], None]] = (), command: str | None = None,
+          **values: Any) -> Path:
     """Train a CARE U-Net on a patch store and export a CSBDeep model folder.
 
     Parameters
@@ -242,6 +243,9 @@ def train(patches: str | Path, model_dir: str | Path, config: TrainConfig | str 
     hooks : sequence of callables
         ``hook(epoch, logs, keras_model)`` called after each epoch's checkpoint (for tests and integrations).
 
+    command : str, optional
+        The command line recorded in the output's provenance (the CLI passes its own; default: this
+        process's command line).
     Returns
     -------
     Path
@@ -418,7 +422,7 @@ def train(patches: str | Path, model_dir: str | Path, config: TrainConfig | str 
         return model_dir
     if not history:
         raise ConfigError(f"{model_dir}: no epoch was trained (epochs={cfg.epochs}); pass a larger --epochs")
-    meta = _metadata(store, cfg, loss_spec, info, history, best, stopped_early, Path(patches))
+    meta = _metadata(store, cfg, loss_spec, info, history, best, stopped_early, Path(patches), command)
     _export(model, spec, model_dir, cfg, loss_spec, best_file, meta)
     _say(f"exported {model_dir} (best {monitor} {best['value']:.5f} at epoch {best['epoch']})")
     return model_dir

@@ -182,7 +182,7 @@ def _export(model: Any, spec: Any, model_dir: Path, cfg: TrainConfig, loss_spec:
 
 
 def _metadata(store, cfg: TrainConfig, loss_spec, info: dict, history: list, best: dict, stopped_early: bool,
-              patches: Path) -> dict:
+              patches: Path, command: str | None) -> dict:
     from l2l_scale.io.prov import provenance
 
     norm = store.meta.get("normalization") or {}
@@ -194,7 +194,7 @@ def _metadata(store, cfg: TrainConfig, loss_spec, info: dict, history: list, bes
         "preset": cfg.preset,
         "mode": store.meta.get("mode"),
         "provenance": provenance(
-            cfg.model_dump(mode="json"), str(patches.resolve()),
+            cfg.model_dump(mode="json"), str(patches.resolve()), command=command,
             patches={"path": str(patches.resolve()), "n_train": store.n_train, "n_validation": store.n_validation,
                      "patch_size": store.patch_size, "mode": store.meta.get("mode"),
                      "augment": store.meta.get("augment"), "split": store.meta.get("split"),

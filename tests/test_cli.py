@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
 
@@ -48,6 +49,9 @@ def test_simulate_plate_then_info(plate):
     assert "(plate)" in out and "fields:       2 (A/1/0, A/1/1)" in out
     assert "channels:     AC-15, phalloidin, AC-15-repeat, truth" in out
     assert "l2l-scale simulate" in out  # provenance: the command line
+    recorded = zarr.open_group(str(plate), mode="r").attrs["l2l_scale"]["command"]
+    assert recorded == ("l2l-scale simulate --structure actin --size 300 --fields 2 --n2n --drift 1.5,-0.5 "
+                        f"--chunks 128 {plate}")
     info = json.loads(run("info", "--json", plate).stdout)
     assert info["plate"]["fields"] == ["A/1/0", "A/1/1"]
     assert info["field"]["shape"] == [4, 300, 300] and info["field"]["chunks"] == [1, 128, 128]
@@ -73,6 +77,17 @@ def test_simulate_single_image_and_errors(tmp_path):
     assert_user_error(run("simulate", tmp_path / "x.zarr", "--drift", "1", "--n2n"), "--drift")
     assert_user_error(run("simulate", tmp_path / "x.zarr", "--size", "8", "--scheduler", "threads"), "16")
     assert not (tmp_path / "x.zarr").exists()
+
+
+def test_library_calls_record_the_command_they_are_given(tmp_path):
+    from l2l_scale.io.prov import command_line
+    from l2l_scale.synthetic import write_simulation
+
+    given = write_simulation(tmp_path / "given.zarr", size=64, chunks=64, command="my-pipeline step 3")
+    own = write_simulation(tmp_path / "own.zarr", size=64, chunks=64)
+    assert zarr.open_group(str(given), mode="r").attrs["l2l_scale"]["command"] == "my-pipeline step 3"
+    assert zarr.open_group(str(own), mode="r").attrs["l2l_scale"]["command"] == command_line() == \
+        " ".join(["python", *map(shlex.quote, sys.argv)])
 
 
 def test_info_errors(tmp_path):

@@ -22,12 +22,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     # TensorFlow's C++ start-up chatter and tifffile's per-page warnings are noise next to our one-line errors.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     logging.getLogger("tifffile").setLevel(logging.CRITICAL)
-    from l2l_scale.io.prov import set_command_line
+    from l2l_scale.io.prov import command_line
 
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
-    set_command_line(argv)
+    args.command_line = command_line(argv)  # every step records it in its outputs' provenance
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_USER_ERROR

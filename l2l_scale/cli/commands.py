@@ -54,7 +54,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     with _cluster(args, output=args.output):
         out = write_simulation(args.output, structure=args.structure, size=args.size, fields=args.fields,
                                seed=args.seed, n2n=args.n2n, drift=drift, chunks=args.chunks,
-                               overwrite=args.overwrite)
+                               overwrite=args.overwrite, command=args.command_line)
     print(f"wrote {out}")
     return 0
 
@@ -76,7 +76,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         pixel = pixel[0]
     with _cluster(args, inputs=[str(p) for p in expand_inputs(args.inputs)], output=args.output):
         outs = convert(args.inputs, args.output, plate=args.plate, axes=args.axes, pixel_size=pixel,
-                       channel_names=_names(args.channel_names), chunks=args.chunks, overwrite=args.overwrite)
+                       channel_names=_names(args.channel_names), chunks=args.chunks, overwrite=args.overwrite,
+                       command=args.command_line)
     for o in outs:
         print(f"wrote {o}")
     return 0
@@ -104,7 +105,7 @@ def _cmd_register(args: argparse.Namespace) -> int:
         result = register(args.input, args.output, reference=args.reference, moving=_names(args.moving) or [],
                           method=args.method, moving_image=args.moving_image, max_shift=args.max_shift,
                           n_patches=args.patches, order=args.order, seed=args.seed, overwrite=args.overwrite,
-                          chunks=args.chunks, resume=args.resume)
+                          chunks=args.chunks, resume=args.resume, command=args.command_line)
     for key, info in result.items():
         for ch, (dy, dx) in info["shifts"].items():
             print(f"{key + ': ' if key else ''}{ch} -> {info['reference']}: shift dy={dy:+.2f} dx={dx:+.2f} px "
@@ -147,7 +148,7 @@ def _cmd_baseline(args: argparse.Namespace) -> int:
         out = run_baseline(args.method, args.input, args.output, channels=_names(args.channel) or [],
                            preset=args.preset, overwrite=args.overwrite, chunks=args.chunks, sigma=args.sigma,
                            radius=args.radius, size=args.size, grid=args.grid, kernel_size=kernel,
-                           clip_limit=args.clip_limit, resume=args.resume)
+                           clip_limit=args.clip_limit, resume=args.resume, command=args.command_line)
     print(f"wrote {out}")
     return 0
 
@@ -159,7 +160,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         out = predict(args.model, args.input, args.output, channels=_names(args.channel), tile=args.tile,
                       batch=args.batch, dtype=args.dtype, percentiles=args.percentiles, norm_stats=args.norm_stats,
                       norm_scope=args.norm_scope, weights=args.weights, resume=args.resume,
-                      overwrite=args.overwrite, chunks=args.chunks, halo=args.halo, precision=args.precision)
+                      overwrite=args.overwrite, chunks=args.chunks, halo=args.halo, precision=args.precision,
+                      command=args.command_line)
     print(f"wrote {out}")
     return 0
 
@@ -188,7 +190,7 @@ def _cmd_patches(args: argparse.Namespace) -> int:
             sample_percentiles=args.sample_percentiles,
             norm_stats=args.norm_stats, split_by=args.split_by, validation_fraction=args.validation_fraction,
             seed=args.seed, threshold=args.threshold, chunk_patches=args.chunk_patches, overwrite=args.overwrite,
-            resume=args.resume)
+            resume=args.resume, command=args.command_line)
     print(f"wrote {out}")
     return 0
 
@@ -203,7 +205,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
                 ssim_filter_size=args.ssim_filter_size, unet_n_depth=args.unet_depth,
                 unet_kern_size=args.unet_kern_size, unet_n_first=args.unet_n_first, unet_residual=args.residual,
                 early_stopping=args.early_stopping, strategy=args.strategy, seed=args.seed,
-                tensorboard=args.tensorboard, precision=args.precision)
+                tensorboard=args.tensorboard, precision=args.precision, command=args.command_line)
     print(f"wrote {out}")
     return 0
 
@@ -211,7 +213,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from l2l_scale.demo import run_demo
 
-    run_demo(out=args.out, size=args.size, epochs=args.epochs, overwrite=args.overwrite,
+    run_demo(out=args.out, size=args.size, epochs=args.epochs, overwrite=args.overwrite, command=args.command_line,
              cluster_args=dict(workers=args.workers, threads_per_worker=args.threads_per_worker,
                                memory_limit=args.memory_limit, scheduler=args.scheduler,
                                cluster_file=args.cluster))
@@ -235,7 +237,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                        data_range=args.data_range, smooth=args.smooth, rms_sigma=args.rms_sigma,
                        contrast_top_fraction=args.contrast_top_fraction,
                        contrast_percentiles=_floats(args.contrast_percentiles, 2, "--contrast-percentiles"),
-                       models=models or None, crossval=args.crossval, chunks=args.chunks, overwrite=args.overwrite)
+                       models=models or None, crossval=args.crossval, chunks=args.chunks, overwrite=args.overwrite,
+                       command=args.command_line)
     rows = json.loads((Path(out) / "evaluation.json").read_text())["metrics"]
     print(format_table(rows))
     print(f"wrote {out} (report: l2l-scale report {out})")
@@ -265,7 +268,7 @@ def _cmd_crossval(args: argparse.Namespace) -> int:
         patches_per_image=args.patches_per_image, augment=args.augment,
         percentiles=_floats(args.percentiles, 2, "--percentiles") if args.percentiles else None,
         smooth=args.smooth, tile=args.tile, strategy=args.strategy, seed=args.seed, resume=args.resume,
-        overwrite=args.overwrite, keep_work=args.keep_work, precision=args.precision)
+        overwrite=args.overwrite, keep_work=args.keep_work, precision=args.precision, command=args.command_line)
     with _cluster(args, model_step=True, inputs=[args.dataset]):
         result = run_crossval(plan)
     print(format_crossval_table(result["summary"]))

@@ -213,6 +213,8 @@ class CrossvalPlan:
     jobs : list of dict
         One per fold, in (N, repeat, fold) order: the task's input.
     resume, overwrite, keep_work : bool
+    command : str or None
+        The command line recorded in the results' provenance (None: this process's).
     """
 
     dataset: Path
@@ -222,6 +224,7 @@ class CrossvalPlan:
     resume: bool = False
     overwrite: bool = False
     keep_work: bool = False
+    command: str | None = None
 
     @property
     def n_folds_total(self) -> int:
@@ -239,7 +242,8 @@ def plan_crossval(dataset: str | Path, out_dir: str | Path, *, input_channels: S
                   patches_per_image: int | None = None, augment: bool | None = None,
                   percentiles: Sequence[float] | None = None, smooth: float | None = None,
                   tile: int | None = None, strategy: str | None = None, seed: int = 0, resume: bool = False,
-                  overwrite: bool = False, keep_work: bool = False, precision: str | None = None) -> CrossvalPlan:
+                  overwrite: bool = False, keep_work: bool = False, precision: str | None = None,
+                  command: str | None = None) -> CrossvalPlan:
     """Validate the options and the dataset and plan every fold; nothing is written or trained.
 
     See :func:`crossval` for the parameters. The checks here are cheap (image metadata only), so a command fails
@@ -379,7 +383,8 @@ def plan_crossval(dataset: str | Path, out_dir: str | Path, *, input_channels: S
                      "data_range": 1.0},
         "predict": {"tile": tile},
     }
-    plan = CrossvalPlan(dataset, out_dir, settings, resume=resume, overwrite=overwrite, keep_work=keep_work)
+    plan = CrossvalPlan(dataset, out_dir, settings, resume=resume, overwrite=overwrite, keep_work=keep_work,
+                        command=command)
     entries = [(_view_name(i, r.key), str(Path(r.path).resolve()), r.key) for i, r in enumerate(refs)]
     for n, reps in zip(ns, rs):
         for r in range(reps):
@@ -447,6 +452,9 @@ def format_crossval_table(summary: dict) -> str:
 def run_crossval(plan: CrossvalPlan) -> dict:
     """Run (or finish) a planned cross-validation and write ``crossval.json`` and ``crossval.csv``.
 
+    command : str, optional
+        The command line recorded in the output's provenance (the CLI passes its own; default: this
+        process's command line).
     Returns
     -------
     dict

@@ -105,7 +105,7 @@ def _summarise(plan: CrossvalPlan, results: list[dict]) -> dict:
         "definition": "(m(restoration, reference) - m(input, reference)) / m(input, reference) of the means over "
                       "each fold's held-out pairs; m = NRMSE (min-max) or 5-scale MS-SSIM on whole images, each "
                       "normalised with its own exact percentiles; one value per (repeat, fold), repeat-major",
-        "provenance": provenance(s, s["dataset"]),
+        "provenance": provenance(s, s["dataset"], command=plan.command),
     }
 
 

@@ -256,7 +256,8 @@ def evaluate(target: Any, restorations: Mapping[str, Any] | Sequence[Any], outpu
              threshold: float = 0.4, data_range: float | None = None, smooth: float = 0.0,
              rms_sigma: float = 2.0, contrast_top_fraction: float = 0.1,
              contrast_percentiles: Sequence[float] = (1.0, 99.0), models: Mapping[str, Any] | Sequence | None = None,
-             crossval: str | Path | None = None, chunks: int | None = None, overwrite: bool = False) -> Path:
+             crossval: str | Path | None = None, chunks: int | None = None, overwrite: bool = False,
+             command: str | None = None) -> Path:
     """Compare restorations of one input against the target label (and the ground truth) and write the results.
 
     Parameters
@@ -298,6 +299,9 @@ def evaluate(target: Any, restorations: Mapping[str, Any] | Sequence[Any], outpu
     overwrite : bool
         Replace an existing results folder.
 
+    command : str, optional
+        The command line recorded in the output's provenance (the CLI passes its own; default: this
+        process's command line).
     Returns
     -------
     Path
@@ -443,7 +447,7 @@ def evaluate(target: Any, restorations: Mapping[str, Any] | Sequence[Any], outpu
                                                     "halo": _radius(rms_sigma, 4.0)},
                  "ssim": {"sigma": 1.5, "truncate": 3.5, "halo": _radius(1.5, 3.5), "k1": 0.01, "k2": 0.03}},
     }
-    prov = provenance(parameters, [str(im.spec) for im in everything])
+    prov = provenance(parameters, [str(im.spec) for im in everything], command=command)
     maps: dict[str, dict] = {}
     with atomic_output(output_dir, overwrite=overwrite, inputs=inputs) as tmp:
         if rest:
@@ -456,7 +460,7 @@ def evaluate(target: Any, restorations: Mapping[str, Any] | Sequence[Any], outpu
                                coords={"c": ["rms", "ssim"], "y": tgt.data.coords["y"].values,
                                        "x": tgt.data.coords["x"].values})
             rel = f"{MAPS_DIR}/{im.name}.zarr"
-            map_prov = provenance(parameters["maps"], [str(map_ref.spec), str(im.spec)],
+            map_prov = provenance(parameters["maps"], [str(map_ref.spec), str(im.spec)], command=command,
                                   maps={"reference": map_ref.name, "method": im.name,
                                         "channels": {"rms": "local RMS difference, normalised units",
                                                      "ssim": "local SSIM"},

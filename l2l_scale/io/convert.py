@@ -143,7 +143,7 @@ def _closing_inputs(files: Sequence[Path]) -> Iterator[None]:
 def convert(inputs: Sequence[str | Path] | str | Path, output: str | Path, *, plate: str | None = None,
             axes: str | None = None, pixel_size: float | tuple | Mapping | None = None,
             channel_names: Sequence[str] | None = None, chunks: int | None = None,
-            overwrite: bool = False) -> list[Path]:
+            overwrite: bool = False, command: str | None = None) -> list[Path]:
     """Convert TIFF / OME-TIFF (and CZI/ND2/LIF, :mod:`l2l_scale.io.vendor`) files to NGFF 0.5 OME-Zarr.
 
     Parameters
@@ -162,6 +162,9 @@ def convert(inputs: Sequence[str | Path] | str | Path, output: str | Path, *, pl
     overwrite : bool
         Replace an existing output.
 
+    command : str, optional
+        The command line recorded in the output's provenance (the CLI passes its own; default: this
+        process's command line).
     Returns
     -------
     list of Path
@@ -198,12 +201,12 @@ def convert(inputs: Sequence[str | Path] | str | Path, output: str | Path, *, pl
                     raise InputError(f"{f}: well {key[0]} field {key[1]} is also given by {origin[key]}; each "
                                      "(well, field) needs one file, fix the plate pattern or the inputs")
                 fields[key], origin[key] = img, f
-            write_plate(fields, output, provenance=_provenance(params, files, images), label="converting plate",
-                        **write_kw)
+            write_plate(fields, output, provenance=_provenance(params, files, images, command),
+                        label="converting plate", **write_kw)
             return [output]
 
         if len(files) == 1:
-            write_image(images[0], output, provenance=_provenance(params, files, images),
+            write_image(images[0], output, provenance=_provenance(params, files, images, command),
                         name=image_stem(files[0]), label=f"converting {files[0].name}", **write_kw)
             return [output]
 
@@ -218,12 +221,12 @@ def convert(inputs: Sequence[str | Path] | str | Path, output: str | Path, *, pl
         # The folder as a whole appears only when every image in it is complete.
         with atomic_output(output, overwrite=overwrite, inputs=files) as tmp:
             for f, img in zip(files, images):
-                write_image(img, tmp / f"{image_stem(f)}.zarr", provenance=_provenance(params, [f], [img]),
+                write_image(img, tmp / f"{image_stem(f)}.zarr", provenance=_provenance(params, [f], [img], command),
                             name=image_stem(f), label=f"converting {f.name}", chunks=chunks, inputs=files)
                 written.append(output / f"{image_stem(f)}.zarr")
         return written
 
 
-def _provenance(params: dict, files: Sequence[Path], images: Sequence[xr.DataArray]) -> dict:
+def _provenance(params: dict, files: Sequence[Path], images: Sequence[xr.DataArray], command: str | None) -> dict:
     sources = {str(f): img.attrs["metadata_source"] for f, img in zip(files, images)}
-    return provenance(params, [str(f) for f in files], metadata_source=sources)
+    return provenance(params, [str(f) for f in files], command=command, metadata_source=sources)

@@ -11,16 +11,13 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-_COMMAND_LINE: str | None = None
+def command_line(argv: Sequence[str] | None = None) -> str:
+    """The command line to record: ``l2l-scale ARGV`` for the CLI's arguments, else this process's own."""
+    return shlex.join(["l2l-scale", *argv]) if argv is not None else shlex.join(["python", *sys.argv])
 
 
-def set_command_line(argv: Sequence[str]) -> None:
-    """Record the ``l2l-scale`` command line for provenance (called once by the CLI)."""
-    global _COMMAND_LINE
-    _COMMAND_LINE = shlex.join(["l2l-scale", *argv])
-
-
-def provenance(parameters: Mapping[str, Any] | None = None, inputs: Any = None, **extra: Any) -> dict:
+def provenance(parameters: Mapping[str, Any] | None = None, inputs: Any = None, *, command: str | None = None,
+               **extra: Any) -> dict:
     """Build the ``l2l_scale`` provenance block stored in every output's attributes.
 
     Parameters
@@ -29,6 +26,8 @@ def provenance(parameters: Mapping[str, Any] | None = None, inputs: Any = None, 
         The parameters of the step (JSON-serialisable; paths are turned into strings).
     inputs : str, Path or list, optional
         The input path(s) the output was derived from.
+    command : str, optional
+        The command line that made the output (default: this process's, see :func:`command_line`).
     **extra
         Further entries, e.g. ``normalization=...`` or ``model=...``.
     """
@@ -36,7 +35,7 @@ def provenance(parameters: Mapping[str, Any] | None = None, inputs: Any = None, 
 
     block = {
         "version": __version__,
-        "command": _COMMAND_LINE or shlex.join(["python", *sys.argv]),
+        "command": command or command_line(),
         "parameters": jsonable(dict(parameters or {})),
         "input": jsonable(inputs),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -527,7 +527,7 @@ def _halo(method: str, params: Mapping[str, Any]) -> int | str:
 
 def run_baseline(method: str, input: str | Path, output: str | Path, *, channels: Sequence[str],
                  preset: str | None = None, overwrite: bool = False, chunks: int | None = None,
-                 resume: bool = False, **overrides: Any) -> Path:
+                 resume: bool = False, command: str | None = None, **overrides: Any) -> Path:
     """Apply a baseline to channels of an image, plate or folder and write float32 OME-Zarr in the same layout.
 
     Parameters
@@ -541,6 +541,9 @@ def run_baseline(method: str, input: str | Path, output: str | Path, *, channels
         Table S1 parameters; explicit ``overrides`` win.
     resume : bool
         Finish an interrupted run with the same options: only unfinished blocks are computed.
+    command : str, optional
+        The command line recorded in the output's provenance (the CLI passes its own; default: this
+        process's command line).
     **overrides
         ``sigma``, ``radius``, ``size``, ``grid``, ``kernel_size``, ``clip_limit``, ``nbins``.
     """
@@ -570,8 +573,8 @@ def run_baseline(method: str, input: str | Path, output: str | Path, *, channels
         out = xr.DataArray(da.stack(planes), dims=("c", "y", "x"),
                            coords={"c": channels, "y": img.coords["y"].values, "x": img.coords["x"].values},
                            attrs={"pixel_size": dict(img.attrs.get("pixel_size") or {})})
-        items.append((ref.key, out, provenance(record, str(ref.path), baseline=record)))
+        items.append((ref.key, out, provenance(record, str(ref.path), command=command, baseline=record)))
     chunk = chunks or _yx_chunk(images[0][1])
-    root = provenance(record, str(input), baseline=record) if kind == "plate" else None
+    root = provenance(record, str(input), command=command, baseline=record) if kind == "plate" else None
     return write_dataset(kind, items, output, root_provenance=root, overwrite=overwrite, resume=resume,
                          inputs=[input], chunks=chunk, label=f"{method}")

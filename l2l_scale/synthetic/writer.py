@@ -25,7 +25,7 @@ def plate_keys(fields: int, fields_per_well: int = 4) -> list[str]:
 
 def write_simulation(output, *, structure: str = "actin", size: int | tuple[int, int] = 2048, fields: int = 1,
                      seed: int = 0, n2n: bool = False, drift: tuple[float, float] = (0.0, 0.0), chunks: int = 1024,
-                     overwrite: bool = False):
+                     overwrite: bool = False, command: str | None = None):
     """Simulate and write OME-Zarr: one image, or an HCS plate of ``fields`` fields.
 
     Field ``i`` uses seed ``seed + i``, so every field is a different scene and a plate is reproducible. Chunks are
@@ -42,6 +42,9 @@ def write_simulation(output, *, structure: str = "actin", size: int | tuple[int,
     overwrite : bool
         Replace an existing output.
 
+    command : str, optional
+        The command line recorded in the output's provenance (the CLI passes its own; default: this
+        process's command line).
     Returns
     -------
     pathlib.Path
@@ -57,7 +60,7 @@ def write_simulation(output, *, structure: str = "actin", size: int | tuple[int,
     check_output(output, overwrite=overwrite)  # refuse before building anything
     params = dict(structure=structure, size=size, fields=fields, seed=seed, n2n=n2n, drift=list(drift),
                   chunks=chunks)
-    prov = provenance(params, None)
+    prov = provenance(params, None, command=command)
     if fields == 1:
         return write_image(simulate(structure, size, seed=seed, n2n=n2n, drift=drift, chunks=chunks), output,
                            chunks=chunks, provenance=prov, overwrite=overwrite, label=f"simulating {structure}")

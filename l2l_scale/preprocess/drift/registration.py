@@ -45,7 +45,7 @@ def _same_geometry(a: xr.DataArray, b: xr.DataArray, pa: Any, pb: Any) -> None:
 def register(input: str | Path, output: str | Path, *, reference: str, moving: Sequence[str], method: str = "phase",
              moving_image: str | Path | None = None, max_shift: float | None = None,
              n_patches: int = DEFAULT_PATCHES, order: int = 1, seed: int = 0, overwrite: bool = False,
-             chunks: int | None = None, resume: bool = False) -> dict[str, dict]:
+             chunks: int | None = None, resume: bool = False, command: str | None = None) -> dict[str, dict]:
     """Register channels of an image, plate or folder onto a reference channel and write the result.
 
     Parameters
@@ -76,6 +76,9 @@ def register(input: str | Path, output: str | Path, *, reference: str, moving: S
     chunks : int, optional
         Output chunk side (default: the input's).
 
+    command : str, optional
+        The command line recorded in the output's provenance (the CLI passes its own; default: this
+        process's command line).
     Returns
     -------
     dict
@@ -173,11 +176,12 @@ def register(input: str | Path, output: str | Path, *, reference: str, moving: S
         if mrefs is not None:
             info["moving_image"] = str(mpath)
         results[ref.key] = info
-        prov = provenance(params, [str(ref.path)] + ([str(mpath)] if mrefs is not None else []),
+        prov = provenance(params, [str(ref.path)] + ([str(mpath)] if mrefs is not None else []), command=command,
                           registration=info)
         items.append((ref.key, out, prov))
     chunk = chunks or _yx_chunk(open_image(refs[0].path))
-    root = provenance(params, [str(p) for p in inputs], registration={"fields": results}) if kind == "plate" else None
+    root = (provenance(params, [str(p) for p in inputs], command=command, registration={"fields": results})
+            if kind == "plate" else None)
     write_dataset(kind, items, output, root_provenance=root, overwrite=overwrite, resume=resume, inputs=inputs,
                   chunks=chunk, label="registering")
     return results
