@@ -208,10 +208,10 @@ def create_patches(dataset: str | Path, output: str | Path, config: PatchConfig 
     overwrite, resume : bool
         Replace an existing store / finish an interrupted run (only unfinished tasks are computed; the result is
         bit-identical to an uninterrupted run).
-
     command : str, optional
         The command line recorded in the output's provenance (the CLI passes its own; default: this
         process's command line).
+
     Returns
     -------
     Path

@@ -363,10 +363,10 @@ def predict(model: str | Path, input: str | Path, output: str | Path, *, channel
         Compute precision of the network (see :mod:`l2l_scale.model.backend`); fp32 is exact. Recorded in the
         provenance; ``resume`` refuses a different one. bf16/fp16 are refused on CPUs without instructions for
         them (unless the cluster's workers have GPUs).
-
     command : str, optional
         The command line recorded in the output's provenance (the CLI passes its own; default: this
         process's command line).
+
     Returns
     -------
     Path or dict

@@ -242,10 +242,10 @@ def train(patches: str | Path, model_dir: str | Path, config: TrainConfig | str 
         Replace a model or an interrupted run in ``model_dir``.
     hooks : sequence of callables
         ``hook(epoch, logs, keras_model)`` called after each epoch's checkpoint (for tests and integrations).
-
     command : str, optional
         The command line recorded in the output's provenance (the CLI passes its own; default: this
         process's command line).
+
     Returns
     -------
     Path

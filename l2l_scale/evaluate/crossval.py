@@ -451,10 +451,10 @@ def format_crossval_table(summary: dict) -> str:
 
 def run_crossval(plan: CrossvalPlan) -> dict:
     """Run (or finish) a planned cross-validation and write ``crossval.json`` and ``crossval.csv``.
-
     command : str, optional
         The command line recorded in the output's provenance (the CLI passes its own; default: this
         process's command line).
+
     Returns
     -------
     dict
@@ -527,6 +527,9 @@ def crossval(dataset: str | Path, out_dir: str | Path, **options: Any) -> dict:
         Delete an existing ``out_dir`` first.
     keep_work : bool
         Keep every fold's patch store, model and restorations in ``OUT_DIR/work/ID``.
+    command : str, optional
+        The command line recorded in ``crossval.json``'s provenance (the CLI passes its own; default: this
+        process's command line).
 
     Returns
     -------

@@ -298,10 +298,10 @@ def evaluate(target: Any, restorations: Mapping[str, Any] | Sequence[Any], outpu
         Chunk side of the difference maps (default 1024).
     overwrite : bool
         Replace an existing results folder.
-
     command : str, optional
         The command line recorded in the output's provenance (the CLI passes its own; default: this
         process's command line).
+
     Returns
     -------
     Path

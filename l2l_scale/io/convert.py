@@ -161,10 +161,10 @@ def convert(inputs: Sequence[str | Path] | str | Path, output: str | Path, *, pl
         chunk size.
     overwrite : bool
         Replace an existing output.
-
     command : str, optional
         The command line recorded in the output's provenance (the CLI passes its own; default: this
         process's command line).
+
     Returns
     -------
     list of Path

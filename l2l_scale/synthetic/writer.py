@@ -41,10 +41,10 @@ def write_simulation(output, *, structure: str = "actin", size: int | tuple[int,
         Number of fields; more than one writes a plate with up to 4 fields per well (A/1/0, A/1/1, ...).
     overwrite : bool
         Replace an existing output.
-
     command : str, optional
         The command line recorded in the output's provenance (the CLI passes its own; default: this
         process's command line).
+
     Returns
     -------
     pathlib.Path

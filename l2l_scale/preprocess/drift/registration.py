@@ -75,10 +75,10 @@ def register(input: str | Path, output: str | Path, *, reference: str, moving: S
         Finish an interrupted run with the same options (see :func:`write_dataset`).
     chunks : int, optional
         Output chunk side (default: the input's).
-
     command : str, optional
         The command line recorded in the output's provenance (the CLI passes its own; default: this
         process's command line).
+
     Returns
     -------
     dict
