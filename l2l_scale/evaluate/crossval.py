@@ -451,9 +451,6 @@ def format_crossval_table(summary: dict) -> str:
 
 def run_crossval(plan: CrossvalPlan) -> dict:
     """Run (or finish) a planned cross-validation and write ``crossval.json`` and ``crossval.csv``.
-    command : str, optional
-        The command line recorded in the output's provenance (the CLI passes its own; default: this
-        process's command line).
 
     Returns
     -------
