@@ -199,6 +199,8 @@ def create_patches(dataset: str | Path, output: str | Path, config: PatchConfig 
     ----------
     dataset : path
         OME-Zarr image, HCS plate or folder of images; each image is one input/target pair.
+    command : str, optional
+        The command line for the output's provenance (default: this process's; the CLI passes its own).
     output : path
         The patch store (a zarr v3 group, usually ``*.zarr``), written via ``OUTPUT.partial``.
     config : PatchConfig, optional
@@ -208,9 +210,6 @@ def create_patches(dataset: str | Path, output: str | Path, config: PatchConfig 
     overwrite, resume : bool
         Replace an existing store / finish an interrupted run (only unfinished tasks are computed; the result is
         bit-identical to an uninterrupted run).
-    command : str, optional
-        The command line recorded in the output's provenance (the CLI passes its own; default: this
-        process's command line).
 
     Returns
     -------

@@ -333,6 +333,8 @@ def predict(model: str | Path, input: str | Path, output: str | Path, *, channel
         CSBDeep model folder (``config.json`` + ``weights_best.h5``/``weights_last.h5``, optional
         ``l2l_scale.json``), a bioimage.io package (zip or folder, keras_hdf5 weights of a CARE U-Net) or a
         CSBDeep ``export_TF`` SavedModel zip (see :func:`l2l_scale.model.formats.resolve_model`).
+    command : str, optional
+        The command line for the output's provenance (default: this process's; the CLI passes its own).
     input, output : path
         Input dataset (never opened for writing) and output ``.zarr``; a plate gives a plate with the same layout,
         a folder a folder of images.
@@ -363,9 +365,6 @@ def predict(model: str | Path, input: str | Path, output: str | Path, *, channel
         Compute precision of the network (see :mod:`l2l_scale.model.backend`); fp32 is exact. Recorded in the
         provenance; ``resume`` refuses a different one. bf16/fp16 are refused on CPUs without instructions for
         them (unless the cluster's workers have GPUs).
-    command : str, optional
-        The command line recorded in the output's provenance (the CLI passes its own; default: this
-        process's command line).
 
     Returns
     -------

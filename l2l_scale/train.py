@@ -230,6 +230,8 @@ def train(patches: str | Path, model_dir: str | Path, config: TrainConfig | str 
     ----------
     patches : path
         Patch store from :func:`l2l_scale.patches.create_patches`.
+    command : str, optional
+        The command line for the output's provenance (default: this process's; the CLI passes its own).
     model_dir : path
         Output model folder: ``config.json``, ``weights_best.h5``, ``weights_last.h5``, ``l2l_scale.json``
         (loadable by ``csbdeep.models.CARE(None, name, basedir)``), plus ``checkpoints/`` and ``logs/``.
@@ -242,9 +244,6 @@ def train(patches: str | Path, model_dir: str | Path, config: TrainConfig | str 
         Replace a model or an interrupted run in ``model_dir``.
     hooks : sequence of callables
         ``hook(epoch, logs, keras_model)`` called after each epoch's checkpoint (for tests and integrations).
-    command : str, optional
-        The command line recorded in the output's provenance (the CLI passes its own; default: this
-        process's command line).
 
     Returns
     -------

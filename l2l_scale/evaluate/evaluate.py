@@ -264,6 +264,8 @@ def evaluate(target: Any, restorations: Mapping[str, Any] | Sequence[Any], outpu
     ----------
     target : str, Path, ImageSpec or (path, channel)
         The target label, ``PATH[:CHANNEL]`` (see the module notes).
+    command : str, optional
+        The command line for the output's provenance (default: this process's; the CLI passes its own).
     restorations : mapping or sequence
         ``{name: spec}``, or specs / ``"NAME=SPEC"`` strings (a bare spec is named after its file). May be empty
         (then only the input is compared).
@@ -298,9 +300,6 @@ def evaluate(target: Any, restorations: Mapping[str, Any] | Sequence[Any], outpu
         Chunk side of the difference maps (default 1024).
     overwrite : bool
         Replace an existing results folder.
-    command : str, optional
-        The command line recorded in the output's provenance (the CLI passes its own; default: this
-        process's command line).
 
     Returns
     -------

@@ -150,6 +150,8 @@ def convert(inputs: Sequence[str | Path] | str | Path, output: str | Path, *, pl
     ----------
     inputs : sequence of str or Path
         Files, folders (their ``*.tif``/``*.tiff``, sorted) and glob patterns (sorted).
+    command : str, optional
+        The command line for the output's provenance (default: this process's; the CLI passes its own).
     output : str or Path
         One input file: the image written (e.g. ``out.zarr``). Several files: a folder created here holding
         ``<stem>.zarr`` per file. With ``plate``: the HCS plate.
@@ -161,9 +163,6 @@ def convert(inputs: Sequence[str | Path] | str | Path, output: str | Path, *, pl
         chunk size.
     overwrite : bool
         Replace an existing output.
-    command : str, optional
-        The command line recorded in the output's provenance (the CLI passes its own; default: this
-        process's command line).
 
     Returns
     -------

@@ -533,6 +533,8 @@ def run_baseline(method: str, input: str | Path, output: str | Path, *, channels
     Parameters
     ----------
     method : {"gaussian", "rolling-ball", "tophat", "clahe"}
+    command : str, optional
+        The command line for the output's provenance (default: this process's; the CLI passes its own).
     input, output : path
         OME-Zarr image, HCS plate or folder; the output keeps the layout.
     channels : sequence of str
@@ -541,9 +543,6 @@ def run_baseline(method: str, input: str | Path, output: str | Path, *, channels
         Table S1 parameters; explicit ``overrides`` win.
     resume : bool
         Finish an interrupted run with the same options: only unfinished blocks are computed.
-    command : str, optional
-        The command line recorded in the output's provenance (the CLI passes its own; default: this
-        process's command line).
     **overrides
         ``sigma``, ``radius``, ``size``, ``grid``, ``kernel_size``, ``clip_limit``, ``nbins``.
     """

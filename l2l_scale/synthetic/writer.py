@@ -35,15 +35,14 @@ def write_simulation(output, *, structure: str = "actin", size: int | tuple[int,
     ----------
     output : path
         The ``.zarr`` to write (temporary sibling + rename, as every l2l-scale output).
+    command : str, optional
+        The command line for the output's provenance (default: this process's; the CLI passes its own).
     structure, size, seed, n2n, drift, chunks
         As for :func:`simulate`.
     fields : int
         Number of fields; more than one writes a plate with up to 4 fields per well (A/1/0, A/1/1, ...).
     overwrite : bool
         Replace an existing output.
-    command : str, optional
-        The command line recorded in the output's provenance (the CLI passes its own; default: this
-        process's command line).
 
     Returns
     -------

@@ -52,6 +52,8 @@ def register(input: str | Path, output: str | Path, *, reference: str, moving: S
     ----------
     input, output : path
         OME-Zarr image, HCS plate or folder; the output keeps the layout, and every field gets its own shifts.
+    command : str, optional
+        The command line for the output's provenance (default: this process's; the CLI passes its own).
     reference : str
         Reference channel name (it is never moved).
     moving : sequence of str
@@ -75,9 +77,6 @@ def register(input: str | Path, output: str | Path, *, reference: str, moving: S
         Finish an interrupted run with the same options (see :func:`write_dataset`).
     chunks : int, optional
         Output chunk side (default: the input's).
-    command : str, optional
-        The command line recorded in the output's provenance (the CLI passes its own; default: this
-        process's command line).
 
     Returns
     -------
