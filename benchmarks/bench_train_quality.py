@@ -61,6 +61,15 @@ ABLATIONS = {
     "csbdeep-fixed-pct": {"fixed_percentiles": (2.0, 99.8)},   # CSBDeep without its per-patch percentile draw
     "l2l-sampled-pct": {"patch_kw": {"sample_percentiles": True}},  # l2l-scale with CSBDeep's percentile draw
     "l2l-no-plateau": {"train_kw": {"reduce_lr": False}},
+    # Foreground rule for several targets (benchmark-side, through the per-image filter levels): CSBDeep's
+    # no_background_patches thresholds the max-filtered (C, Y, X) target against the percentile of all target
+    # channels together, and its valid centres along C are only channel C // 2 (the patch spans every channel).
+    "l2l-joint-filter": {"filter_rule": "joint"},      # any target channel > threshold x joint percentile
+    "l2l-csbdeep-filter": {"filter_rule": "csbdeep"},  # channel C // 2 only > threshold x joint percentile
+    "l2l-csbdeep-filter-sampled-pct": {"filter_rule": "csbdeep", "patch_kw": {"sample_percentiles": True}},
+    # Swap: CARE.train on l2l-scale's patch store (its training / validation rows), to split patches from training.
+    "csbdeep-on-l2l-patches": {"l2l_patches": True},
+    "l2l-on-csbdeep-patches": {"csbdeep_patches": True},  # l2l-scale's train on CSBDeep's patches and split
 }
 
 
@@ -104,16 +113,59 @@ def _net(args) -> dict:
     return dict(unet_n_depth=args.depth, unet_n_first=args.filters, unet_kern_size=args.kernel)
 
 
+def _filter_levels_as(rule: str, d: dict):
+    """A stand-in for ``l2l_scale.patches._filter_levels`` with CSBDeep's multi-target foreground levels."""
+    import numpy as np
+
+    from l2l_scale import patches
+
+    original = patches._filter_levels
+    _, tgt, _ = d["idx"]
+
+    def levels(dataset, cfg, stats, targets, progress):
+        out = original(dataset, cfg, stats, targets, progress)
+        names = d["targets"]
+        for key, per in out.items():
+            joint = float(np.percentile(d["train"][int(key.rsplit("/", 1)[-1])][tgt], cfg.filter_percentile))
+            for j, name in enumerate(names):
+                per[name] = joint if (rule == "joint" or j == len(names) // 2) else float("inf")
+        return out
+
+    return levels
+
+
+def _put_csbdeep_patches(store: Path, npz: Path) -> None:
+    """Replace a store's patches by CSBDeep's, in CSBDeep's split (both: the last 10 % of rows validate)."""
+    import numpy as np
+    import zarr
+    from csbdeep.io import load_training_data
+
+    (Xt, Yt), (Xv, Yv), _ = load_training_data(str(npz), validation_split=0.1, verbose=False)
+    root = zarr.open_group(str(store), mode="r+")
+    if root["X"].shape[0] != len(Xt) + len(Xv) or root.attrs["l2l_scale_patches"]["n_train"] != len(Xt):
+        raise RuntimeError("the CSBDeep and l2l-scale patch sets differ in size or split")
+    root["X"][...] = np.concatenate([Xt, Xv])[..., :1]
+    root["Y"][...] = np.concatenate([Yt, Yv])
+
+
 def _train_l2l(d: dict, out: Path, seed: int, args, loss: str = "l1", patch_kw: dict | None = None,
-               train_kw: dict | None = None) -> dict:
+               train_kw: dict | None = None, filter_rule: str | None = None, csbdeep_patches: bool = False) -> dict:
+    from unittest import mock
+
     from l2l_scale.patches import create_patches
     from l2l_scale.train import train
 
     t0 = time.perf_counter()
-    store = create_patches(d["plate"], out / "patches.zarr", input_channels=[d["input"]],
-                           target_channels=d["targets"], mode="separate" if len(d["targets"]) > 1 else "l2l",
-                           patch_size=args.patch_size, patches_per_image=args.patches_per_image, split_by="patch",
-                           validation_fraction=0.1, seed=seed, overwrite=True, **(patch_kw or {}))
+    rule = (mock.patch("l2l_scale.patches._filter_levels", _filter_levels_as(filter_rule, d)) if filter_rule
+            else contextlib.nullcontext())
+    with rule:
+        store = create_patches(d["plate"], out / "patches.zarr", input_channels=[d["input"]],
+                               target_channels=d["targets"], mode="separate" if len(d["targets"]) > 1 else "l2l",
+                               patch_size=args.patch_size, patches_per_image=args.patches_per_image,
+                               split_by="patch", validation_fraction=0.1, seed=seed, overwrite=True,
+                               **(patch_kw or {}))
+    if csbdeep_patches:
+        _put_csbdeep_patches(store, _csbdeep_patches(d, out, seed, args))
     t_patches = time.perf_counter() - t0
     seconds: list[float] = []
     t0 = time.perf_counter()
@@ -124,12 +176,25 @@ def _train_l2l(d: dict, out: Path, seed: int, args, loss: str = "l1", patch_kw: 
             "step_s": _timing(seconds, args.steps)}
 
 
-def _train_csbdeep(d: dict, out: Path, seed: int, args, fixed_percentiles: tuple | None = None) -> dict:
-    import keras
+def _l2l_store_arrays(d: dict, out: Path, seed: int, args):
+    """The training and validation (X, Y) of an l2l-scale patch store built as the ``l2l`` arm builds it."""
+    import numpy as np
+
+    from l2l_scale.patches import create_patches, open_patches
+
+    store = create_patches(d["plate"], out / "patches.zarr", input_channels=[d["input"]],
+                           target_channels=d["targets"], mode="separate" if len(d["targets"]) > 1 else "l2l",
+                           patch_size=args.patch_size, patches_per_image=args.patches_per_image, split_by="patch",
+                           validation_fraction=0.1, seed=seed, overwrite=True)
+    ps = open_patches(store)
+    X, Y, n = np.asarray(ps.X[:]), np.asarray(ps.Y[:]), ps.n_train
+    return (X[:n], Y[:n]), (X[n:], Y[n:])
+
+
+def _csbdeep_patches(d: dict, out: Path, seed: int, args, fixed_percentiles: tuple | None = None) -> Path:
+    """CSBDeep's ``create_patches`` of the training pairs, saved as ``patches.npz``."""
     import numpy as np
     from csbdeep.data import RawData, create_patches, norm_percentiles
-    from csbdeep.io import load_training_data
-    from csbdeep.models import CARE, Config
 
     inp, tgt, _ = d["idx"]
     n_out = len(tgt)
@@ -139,13 +204,27 @@ def _train_csbdeep(d: dict, out: Path, seed: int, args, fixed_percentiles: tuple
     X = np.stack([np.repeat(a[inp:inp + 1], n_out, axis=0) for a in d["train"]])
     Y = np.stack([a[tgt] for a in d["train"]])
     raw = RawData.from_arrays(X, Y, axes="CYX")
-    t0 = time.perf_counter()
     npz = out / "patches.npz"
     # Default: CSBDeep's norm_percentiles(sample_percentiles()), the percentiles drawn per patch.
     norm = {} if fixed_percentiles is None else {"normalization": norm_percentiles(fixed_percentiles)}
     create_patches(raw, (n_out, args.patch_size, args.patch_size), args.patches_per_image, patch_axes="CYX",
                    save_file=str(npz), verbose=False, **norm)
-    (Xt, Yt), (Xv, Yv), axes = load_training_data(str(npz), validation_split=0.1, verbose=False)
+    return npz
+
+
+def _train_csbdeep(d: dict, out: Path, seed: int, args, fixed_percentiles: tuple | None = None,
+                   l2l_patches: bool = False) -> dict:
+    import keras
+    from csbdeep.io import load_training_data
+    from csbdeep.models import CARE, Config
+
+    n_out = len(d["idx"][1])
+    t0 = time.perf_counter()
+    npz = _csbdeep_patches(d, out, seed, args, fixed_percentiles)
+    if l2l_patches:
+        (Xt, Yt), (Xv, Yv) = _l2l_store_arrays(d, out, seed, args)
+    else:
+        (Xt, Yt), (Xv, Yv), axes = load_training_data(str(npz), validation_split=0.1, verbose=False)
     Xt, Xv = Xt[..., :1], Xv[..., :1]
     t_patches = time.perf_counter() - t0
     keras.utils.set_random_seed(seed)
