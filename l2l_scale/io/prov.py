@@ -11,6 +11,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+
 def command_line(argv: Sequence[str] | None = None) -> str:
     """The command line to record: ``l2l-scale ARGV`` for the CLI's arguments, else this process's own."""
     return shlex.join(["l2l-scale", *argv]) if argv is not None else shlex.join(["python", *sys.argv])
