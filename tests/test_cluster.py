@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-import json
 import os
-import subprocess
 import sys
 import time
 import types
@@ -16,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from _dask_procs import spawn, start_scheduler
 from l2l_scale import cluster as cl
 from l2l_scale.cli import main
 from l2l_scale.errors import ConfigError
@@ -172,15 +171,9 @@ def tls_cluster(tmp_path):
     tls = ["--tls-ca-file", certs["ca_file"], "--tls-cert", certs["cert"], "--tls-key", certs["key"]]
     sched_file = tmp_path / "scheduler.json"
     log = open(tmp_path / "tls.log", "w")
-    spawn = lambda *a: subprocess.Popen([sys.executable, "-m", "dask", *map(str, a)], stdout=log,  # noqa: E731
-                                        stderr=subprocess.STDOUT)
-    procs = [spawn("scheduler", "--protocol", "tls", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
-                   "--scheduler-file", sched_file, *tls)]
-    deadline = time.time() + 60
-    while not sched_file.exists() and time.time() < deadline:
-        time.sleep(0.1)
-    address = json.loads(sched_file.read_text())["address"]
-    procs.append(spawn("worker", address, "--nthreads", "1", "--host", "127.0.0.1", "--no-dashboard", *tls))
+    scheduler, address = start_scheduler(log, sched_file, "--protocol", "tls", *tls)
+    procs = [scheduler, spawn(log, "worker", address, "--nthreads", "1", "--host", "127.0.0.1", "--no-dashboard",
+                              *tls)]
     try:
         yield address, certs
     finally:

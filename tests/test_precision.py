@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import xarray as xr
 
 from l2l_scale.errors import ConfigError, OutputError
 from l2l_scale.evaluate.metrics import ms_ssim, psnr
@@ -50,10 +49,17 @@ def _fit(pred: np.ndarray, truth_n: np.ndarray) -> np.ndarray:
     return (a @ coef).reshape(pred.shape)
 
 
-def test_bf16_accuracy_budget_tiled_equals_whole_and_provenance(trained, tmp_path):
+def _allow_bf16(monkeypatch) -> None:
+    """Let bf16 run on a CPU without bf16 instructions (CI's may lack them): it is then emulated, slowly but
+    with the same bf16 rounding, which is what these tests are about. The refusal has its own test below."""
+    monkeypatch.setattr(mb, "cpu_features", lambda: {"bf16"})
+
+
+def test_bf16_accuracy_budget_tiled_equals_whole_and_provenance(trained, tmp_path, monkeypatch):
     from l2l_scale.model import load_model
     from l2l_scale.predict import predict
 
+    _allow_bf16(monkeypatch)
     out = {p: predict(trained["model"], trained["image"], tmp_path / f"{p}.zarr", tile=64, chunks=128,
                       precision=p) for p in ("fp32", "bf16")}
     img = {p: open_image(o) for p, o in out.items()}
@@ -93,6 +99,7 @@ def test_resume_refuses_another_precision(trained, tmp_path, monkeypatch):
     def crash(*a, **k):
         raise RuntimeError("simulated crash")
 
+    _allow_bf16(monkeypatch)
     out = tmp_path / "out.zarr"
     with monkeypatch.context() as m:
         m.setattr(l2l_scale.cluster, "compute_waves", crash)

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
-import re
 import signal
 import subprocess
 import sys
@@ -21,7 +18,7 @@ from l2l_scale.io import blockwrite as bw
 from l2l_scale.io.output import PROGRESS_DIR, partial_path
 from l2l_scale.io.read import list_fields, open_image
 from l2l_scale.io.write import write_image, write_plate
-from l2l_scale.predict import TilePlan, _pad_split, _reflect_index, predict
+from l2l_scale.predict import _pad_split, _reflect_index, predict
 
 pytestmark = pytest.mark.timeout(600)
 

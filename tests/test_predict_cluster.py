@@ -2,24 +2,18 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import xarray as xr
 
+from _dask_procs import spawn, start_scheduler
 from l2l_scale.io.read import open_image
 from l2l_scale.io.write import write_image
 
 pytestmark = pytest.mark.timeout(600)
-
-
-def _spawn(*args, log):
-    return subprocess.Popen([sys.executable, "-m", "dask", *args], stdout=log, stderr=subprocess.STDOUT)
 
 
 @pytest.fixture(scope="module")
@@ -30,15 +24,11 @@ def cluster(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cluster")
     sched_file = tmp / "scheduler.json"
     log = open(tmp / "cluster.log", "w")
-    procs = [_spawn("scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
-                    "--scheduler-file", str(sched_file), log=log)]
-    deadline = time.time() + 60
-    while not sched_file.exists() and time.time() < deadline:
-        time.sleep(0.2)
-    address = json.loads(sched_file.read_text())["address"]
+    scheduler, address = start_scheduler(log, sched_file)
+    procs = [scheduler]
     for name, extra in (("gpu-worker", ["--resources", "GPU=1"]), ("cpu-worker", [])):
-        procs.append(_spawn("worker", address, "--name", name, "--nthreads", "1", "--nworkers", "1",
-                            "--host", "127.0.0.1", "--no-dashboard", "--memory-limit", "4GB", *extra, log=log))
+        procs.append(spawn(log, "worker", address, "--name", name, "--nthreads", "1", "--nworkers", "1",
+                           "--host", "127.0.0.1", "--no-dashboard", "--memory-limit", "4GB", *extra))
     client = Client(address, timeout="30s")
     client.wait_for_workers(2, timeout=90)
     yield address, client
