@@ -249,11 +249,12 @@ def main() -> None:
         meets["l2l_over_csbdeep"] = min(e["l2l_over_csbdeep"] for e in s.values()) >= TARGETS["l2l_over_csbdeep"]
         report["meets_targets_warm"] = {
             k: min(e["warm"][k] for e in s.values()) >= TARGETS[k] for k in ("l2l_over_raw", "l2l_over_csbdeep")}
-    if "2048" in s and "8192" in s:
+    if "2048" in s and "8192" in s and "peak_rss_gb" in s["8192"]["l2l"]:  # not with --no-l2l-fp32
         growth = s["8192"]["l2l"]["peak_rss_gb"] / s["2048"]["l2l"]["peak_rss_gb"]
         report["mem_growth_8192_over_2048"] = round(growth, 3)
         meets["mem_growth"] = growth <= TARGETS["mem_growth_8192_over_2048"]
         meets["peak_gb_8192"] = s["8192"]["l2l"]["peak_rss_gb"] < TARGETS["peak_gb_8192"]
+    if "2048" in s and "8192" in s:
         if "bf16" in precisions and "peak_rss_gb" in s["8192"].get("l2l_bf16", {}):
             growth = s["8192"]["l2l_bf16"]["peak_rss_gb"] / s["2048"]["l2l_bf16"]["peak_rss_gb"]
             report["mem_growth_8192_over_2048_bf16"] = round(growth, 3)

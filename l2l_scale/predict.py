@@ -56,6 +56,11 @@ DEFAULT_TILE = 1024
 DEFAULT_BATCH = 4
 MAX_TILE = 8192
 UINT16_RANGE = (-0.5, 2.5)  # normalised units covered by --dtype uint16 (step 4.6e-5)
+# Tile inputs are widened (beyond the halo) to a multiple of this many pixels per side. Measured on this AMX CPU
+# with CSBDeep's default network: at bf16 a 1112^2 input (a 1024 tile plus its 44 px halo) ran at 4.05 MP/s and
+# 1120^2 at 4.56 MP/s (1096^2: 3.93, 1088^2: 4.52), so the 1 % more pixels cost 10 % less time; fp32 ran at
+# 0.72 MP/s whatever the size, so it is not widened.
+_ALIGN = {"bf16": 32, "fp16": 32}
 _MODEL_LOCKS: dict[tuple, threading.Lock] = {}  # one lock per loaded model and process; see _model_lock
 
 
@@ -121,16 +126,27 @@ def _reflect_index(idx: np.ndarray, n: int) -> np.ndarray:
     return np.where(j >= n, period - j, j)
 
 
-def _spans(p0: int, p1: int, tile: int, halo: int, grid: int, padded: int) -> list[tuple[int, int, int, int]]:
+def _spans(p0: int, p1: int, tile: int, halo: int, grid: int, padded: int,
+           align: int = 0) -> list[tuple[int, int, int, int]]:
     """Split output range [p0, p1) (padded coords) into tiles; return (out0, out1, in0, in1) per tile.
 
-    ``in0``/``in1`` extend the tile by the halo, outwards to the grid, clipped to the padded image.
+    ``in0``/``in1`` extend the tile by the halo, outwards to the grid, clipped to the padded image. With
+    ``align`` (a multiple of ``grid``) the input is widened further, on both sides where the image allows, to a
+    multiple of ``align``: more context than the receptive field leaves the cropped output unchanged.
     """
     out = []
     for o0 in range(p0, p1, tile):
         o1 = min(o0 + tile, p1)
         i0 = max(0, (o0 - halo) // grid * grid)
         i1 = min(padded, -(-(o1 + halo) // grid) * grid)
+        if align:
+            extra = -(i1 - i0) % align
+            left = extra // 2 // grid * grid
+            i0, i1 = i0 - left, i1 + extra - left
+            if i0 < 0:
+                i0, i1 = 0, i1 - i0
+            if i1 > padded:
+                i0, i1 = max(0, i0 - (i1 - padded)), padded
         out.append((o0, o1, i0, i1))
     return out
 
@@ -233,11 +249,14 @@ def _prepare_block(task: dict, plane: dict, region: tuple, record: Any) -> _Prep
     pad_y, pad_x = _pad_split(H, grid), _pad_split(W, grid)
     (ay, ax), Hp, Wp = (pad_y[0], pad_x[0]), H + sum(pad_y), W + sum(pad_x)
     oy0, oy1, ox0, ox1 = region
-    ty = _spans(oy0 + ay, oy1 + ay, task["tile"], task["halo"], grid, Hp)
-    tx = _spans(ox0 + ax, ox1 + ax, task["tile"], task["halo"], grid, Wp)
+    ty = _spans(oy0 + ay, oy1 + ay, task["tile"], task["halo"], grid, Hp, task["align"])
+    tx = _spans(ox0 + ax, ox1 + ax, task["tile"], task["halo"], grid, Wp, task["align"])
     # Read the union of all tiles' inputs once, mapping padded coords back into the image by reflection.
-    y_idx = _reflect_index(np.arange(ty[0][2], ty[-1][3]) - ay, H)
-    x_idx = _reflect_index(np.arange(tx[0][2], tx[-1][3]) - ax, W)
+    # (Widened inputs of small tiles can reach past their neighbours', hence min and max.)
+    y0, y1 = min(t[2] for t in ty), max(t[3] for t in ty)
+    x0, x1 = min(t[2] for t in tx), max(t[3] for t in tx)
+    y_idx = _reflect_index(np.arange(y0, y1) - ay, H)
+    x_idx = _reflect_index(np.arange(x0, x1) - ax, W)
     ylo, yhi, xlo, xhi = int(y_idx.min()), int(y_idx.max()) + 1, int(x_idx.min()), int(x_idx.max()) + 1
     raw = np.stack([read_region(src, _index(task["src_dims"], plane, c, slice(ylo, yhi), slice(xlo, xhi)),
                                 task["input"]) for c in task["channels"]], axis=-1)
@@ -248,7 +267,7 @@ def _prepare_block(task: dict, plane: dict, region: tuple, record: Any) -> _Prep
     hi = np.asarray(task["hi"], np.float32)
     x = (raw.astype(np.float32) - lo) / (hi - lo + np.float32(1e-20))  # csbdeep normalize_mi_ma, float32
     result = np.empty((oy1 - oy0, ox1 - ox0, task["n_out"]), np.float32)
-    return _Prepared(x, ty[0][2], tx[0][2], [(a, b) for a in ty for b in tx], result, oy0 + ay, ox0 + ax)
+    return _Prepared(x, y0, x0, [(a, b) for a in ty for b in tx], result, oy0 + ay, ox0 + ax)
 
 
 def _model_info(model_dir: Path, weights: str | None) -> tuple[Any, dict, Path]:
@@ -388,6 +407,7 @@ def predict(model: str | Path, input: str | Path, output: str | Path, *, channel
     resources = {"GPU": 1} if worker_resources(client).get("GPU") else None
     check_precision(precision, accelerator=resources is not None)
     plan = TilePlan.for_model(spec, tile, batch, halo)
+    align = math.lcm(plan.grid, _ALIGN[precision]) if precision in _ALIGN else 0
     chunk = int(chunks or plan.tile)
     if chunk < 16:
         raise ConfigError(f"chunk {chunk} is too small; use --chunks 256 or more")
@@ -453,7 +473,7 @@ def predict(model: str | Path, input: str | Path, output: str | Path, *, channel
                            "lo": [lo_hi[c][0] for c in in_names], "hi": [lo_hi[c][1] for c in in_names],
                            "hw": (img.sizes["y"], img.sizes["x"]), "grid": plan.grid, "tile": plan.tile,
                            "halo": plan.halo, "batch": plan.batch, "n_out": spec.n_channel_out, "uint16": uint16,
-                           "precision": precision})
+                           "precision": precision, "align": align})
             _add_blocks(image, img.sizes, dims, plans[0], ctx, delayed(ctx), groups)
             yield from groups.ready(image)
         yield from groups.ready(None)

@@ -74,12 +74,18 @@ def _reference(care, data, channels, q=(2.0, 99.8)):
     return np.moveaxis(care.predict(xn, "YXC", normalizer=None), -1, 0)
 
 
-@pytest.mark.parametrize("key,channels,tile,chunks", [
-    ("d1", [0], 64, 96),        # chunks not aligned to the grid, several tiles per chunk
-    ("d3", [0, 1], 48, 128),    # depth 3: grid 8, big halo relative to the tile
-    ("d2c2", [1, 0], 1024, None),  # one tile larger than the image
+@pytest.mark.parametrize("key,channels,tile,chunks,align", [
+    ("d1", [0], 64, 96, None),        # chunks not aligned to the grid, several tiles per chunk
+    ("d3", [0, 1], 48, 128, None),    # depth 3: grid 8, big halo relative to the tile
+    ("d2c2", [1, 0], 1024, None, None),  # one tile larger than the image
+    ("d1", [0], 64, 96, 32),          # tile inputs widened to a multiple of 32 px, as at bf16
+    ("d3", [0, 1], 24, 128, 64),      # widened by more than the tile: inputs reach past their neighbours'
 ])
-def test_tiled_equals_whole_csbdeep(models, image, tmp_path, key, channels, tile, chunks):
+def test_tiled_equals_whole_csbdeep(models, image, tmp_path, monkeypatch, key, channels, tile, chunks, align):
+    import l2l_scale.predict as pr
+
+    if align:
+        monkeypatch.setitem(pr._ALIGN, "fp32", align)
     care = models[key]
     path, data = image
     names = [["AC-15", "phalloidin"][c] for c in channels]
@@ -93,6 +99,24 @@ def test_tiled_equals_whole_csbdeep(models, image, tmp_path, key, channels, tile
     lo = np.percentile(data[channels[0]], 2.0)
     assert prov["normalization"]["values"][names[0]][0] == pytest.approx(lo)
     assert prov["model"]["sha256"]
+
+
+def test_widened_spans_cover_the_halo_on_the_grid():
+    from l2l_scale.predict import _spans
+
+    rng = np.random.default_rng(0)
+    for _ in range(2000):
+        grid = int(rng.choice([1, 2, 4, 8]))
+        align = grid * int(rng.choice([1, 4, 8, 16]))
+        tile, halo = grid * int(rng.integers(1, 40)), grid * int(rng.integers(0, 12))
+        padded = grid * int(rng.integers(1, 200))
+        p0 = grid * int(rng.integers(0, padded // grid))
+        p1 = int(rng.integers(p0 + 1, padded + 1))
+        plain = _spans(p0, p1, tile, halo, grid, padded)
+        for (o0, o1, i0, i1), (_, _, j0, j1) in zip(_spans(p0, p1, tile, halo, grid, padded, align), plain):
+            assert 0 <= i0 <= j0 and j1 <= i1 <= padded and i0 % grid == 0  # the plain input, and more
+            assert (i1 - i0) % align == 0 or (i0, i1) == (0, padded)  # aligned, or the whole image
+            assert i1 - i0 < j1 - j0 + align
 
 
 def test_uint16_output_and_pyramid(models, image, tmp_path):

@@ -164,7 +164,10 @@ def display_windows(top: np.ndarray, dims: Sequence[str], percentiles=(0.1, 99.9
 
 
 def _compressor() -> BloscCodec:
-    return BloscCodec(cname="zstd", clevel=5, shuffle=BloscShuffle.shuffle)
+    # zstd level 3 (zstd's own default), not 5: measured on 1024^2 chunks, its ratio is within 1 % of level 5's
+    # (uint16 image 2.52 vs 2.53, float32 restoration 1.21 vs 1.22) at 1.7x and 3.2x the encoding speed. At
+    # level 5, writing a bf16 restoration cost a fifth of the model's time on the same cores.
+    return BloscCodec(cname="zstd", clevel=3, shuffle=BloscShuffle.shuffle)
 
 
 @dataclass
