@@ -46,6 +46,30 @@ def test_ms_ssim_equals_tensorflow(name, size, weights, filter_size):
     assert np.allclose(make_loss(spec)(y, y).numpy(), 0.0, atol=1e-5)  # identical images
 
 
+def test_ms_ssim_gradient_is_finite_where_a_scale_anticorrelates():
+    """TensorFlow's MS-SSIM gradient is NaN where a scale's cs <= 0 (it diverged training); ours is zero there.
+
+    Everywhere else (other patches, the other channel of the same patch) the gradient is TensorFlow's.
+    """
+    y, p = _pair(size=64, c=2)
+    p = p.numpy()
+    p[1, ..., 0] = 1.0 - y.numpy()[1, ..., 0]  # patch 1, channel 0: anti-correlated at every scale
+    p = tf.Variable(p)
+
+    with tf.GradientTape(persistent=True) as tape:
+        ours = make_loss(loss_spec("ms-ssim3"))(y, p)
+        ref = 1.0 - tf.image.ssim_multiscale(y, p, max_val=1.0, power_factors=list(MS_SSIM3_WEIGHTS), filter_size=11)
+        total, total_ref = tf.reduce_sum(ours), tf.reduce_sum(ref)
+    np.testing.assert_array_equal(ours.numpy(), ref.numpy())
+    g, g_ref = tape.gradient(total, p).numpy(), tape.gradient(total_ref, p).numpy()
+    assert np.isnan(g_ref[1, ..., 0]).all()  # the failure this guards against
+    assert np.isfinite(g).all()
+    assert np.all(g[1, ..., 0] == 0.0)  # flat there: relu(cs) stays 0 for small changes
+    for sample, channel in ((0, 0), (0, 1), (1, 1), (2, 0), (2, 1)):
+        assert np.abs(g_ref[sample, ..., channel]).max() > 1e-6
+        np.testing.assert_array_equal(g[sample, ..., channel], g_ref[sample, ..., channel])
+
+
 def test_ssim_and_custom_weights():
     y, p = _pair()
     got = make_loss(loss_spec("ssim"))(y, p).numpy()

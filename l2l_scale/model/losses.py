@@ -11,7 +11,9 @@ The paper (Kölln et al. 2022, Methods "Training the CNN" and the review history
 * ``ms-ssim``: custom weights (one per scale) and filter size.
 
 Loss = 1 - mean MS-SSIM (Zhao et al. 2016), computed with :func:`tf.image.ssim_multiscale` (``tf.image.ssim``
-for M = 1), so the values are exactly TensorFlow's.
+for M = 1), so the values are exactly TensorFlow's. Where a scale's contrast-structure term is not positive,
+TensorFlow's MS-SSIM is flat (its ``relu``) but its gradient is NaN; this module gives those patches a zero
+gradient instead (see ``_finite_gradient``).
 
 Dynamic range (``max_val``)
 ---------------------------
@@ -213,7 +215,28 @@ def make_loss(spec: LossSpec) -> Callable:
     weights = list(spec.weights)
 
     def ms_ssim(y_true, y_pred):
-        return 1.0 - tf.image.ssim_multiscale(y_true, y_pred, max_val=spec.max_val, power_factors=weights,
-                                              filter_size=spec.filter_size, filter_sigma=spec.filter_sigma,
-                                              k1=k1, k2=k2)
+        return 1.0 - tf.image.ssim_multiscale(y_true, _finite_gradient(y_pred), max_val=spec.max_val,
+                                              power_factors=weights, filter_size=spec.filter_size,
+                                              filter_sigma=spec.filter_sigma, k1=k1, k2=k2)
     return ms_ssim
+
+
+def _finite_gradient(x):
+    """Identity whose gradient has its NaN/Inf entries set to zero.
+
+    ``tf.image.ssim_multiscale`` takes ``relu(cs) ** w`` per scale. Where a scale's cs <= 0 (a prediction that
+    anti-correlates with the target there, common early in training) that factor is 0 and the value is flat, but
+    its gradient is NaN (``0 ** (w - 1)`` times 0), and one such patch made the whole batch's update NaN: training
+    diverged. Every op of the SSIM is per patch and per channel, so the NaN fills exactly the gradient of that
+    patch's channel, and zero is the gradient of its flat value. Values stay TensorFlow's; a NaN in the data still
+    shows as a NaN loss, which stops training.
+    """
+    import tensorflow as tf
+
+    @tf.custom_gradient
+    def identity(v):
+        def grad(g):
+            return tf.where(tf.math.is_finite(g), g, tf.zeros_like(g))
+        return tf.identity(v), grad
+
+    return identity(x)
