@@ -8,11 +8,13 @@ HCS plate of F fields of S^2 pixels cut from that same image (4 fields per well,
 image hold the same pixels. Model: a tiny CARE net (depth 2, kernel 3, 8 first filters, random weights), so that
 per-field overheads show rather than convolutions.
 
-Each case runs in its own subprocess on a LocalCluster (the CLI's default for predict: one worker process, a thread
+Each case runs in its own subprocess on LocalClusters (for predict the CLI's default: one worker process, a thread
 per core; the scheduler runs in the client process), after a warm-up predict on a small image (cluster start-up
 and the worker's model load are excluded, as a facility run amortises them). Timed, best of ``--repeat``:
 
-- stats:   ``dataset_stats`` (exact percentiles of every field, scope image);
+- stats:   ``dataset_stats`` (exact percentiles of every field, scope image) on the cluster ``l2l-scale stats``
+  starts (the LocalCluster default: here a worker process per core), and again on the predict cluster
+  (``stats_on_predict_cluster_*``: one process of a thread per core, whose threads share one GIL);
 - predict: ``predict`` zarr -> zarr, including its statistics and the pyramid.
 
 Reported per case: both wall times and their ratio to the image's (``*_plate_over_image``: 1.0 means a field
@@ -157,7 +159,8 @@ def _child_case(model: Path, image: Path, plate: Path, warm: Path, out: Path, re
     from l2l_scale.preprocess.normalize import dataset_stats
 
     rmtree = shutil.rmtree
-    res = {name: {"stats": [], "predict": [], "records": 0} for name in ("image", "plate")}
+    res = {name: {"stats": [], "stats_on_predict_cluster": [], "predict": [], "records": 0}
+           for name in ("image", "plate")}
 
     def counting_rmtree(path, *args, **kwargs):
         # atomic_output removes the completion records just before the final rename: count them there.
@@ -165,13 +168,22 @@ def _child_case(model: Path, image: Path, plate: Path, warm: Path, out: Path, re
             res[current]["records"] = _count_files(Path(path))
         return rmtree(path, *args, **kwargs)
 
-    with dask_client(config_from_options(model_step=True)) as client:
-        predict(model, warm, out / "warm_out.zarr", channels=[CHANNEL], overwrite=True)
+    def time_stats(key: str) -> None:
+        dataset_stats(warm, q=(2.0, 99.8))  # the workers' first use (kernel load) is not timed
         for i in range(repeat):
             for current, data in (("image", image), ("plate", plate)):
                 t0 = time.perf_counter()
                 dataset_stats(data, q=(2.0, 99.8))
-                res[current]["stats"].append(time.perf_counter() - t0)
+                res[current][key].append(time.perf_counter() - t0)
+
+    clusters = {}
+    with dask_client(config_from_options()) as client:  # what ``l2l-scale stats`` runs on
+        clusters["stats"] = sorted(client.nthreads().values())
+        time_stats("stats")
+    with dask_client(config_from_options(model_step=True)) as client:
+        clusters["predict"] = sorted(client.nthreads().values())
+        predict(model, warm, out / "warm_out.zarr", channels=[CHANNEL], overwrite=True)
+        time_stats("stats_on_predict_cluster")
         for i in range(repeat):
             for current, data in (("image", image), ("plate", plate)):
                 target = out / f"out_{current}.zarr"
@@ -195,10 +207,12 @@ def _child_case(model: Path, image: Path, plate: Path, warm: Path, out: Path, re
         n, files = len(list_images(data)), _count_files(target)
         report[current] = {
             "fields": n, "stats_s": round(min(r["stats"]), 3), "predict_s": round(min(r["predict"]), 3),
+            "stats_on_predict_cluster_s": round(min(r["stats_on_predict_cluster"]), 3),
             "stats_all_s": [round(v, 3) for v in r["stats"]], "predict_all_s": [round(v, 3) for v in r["predict"]],
             "output_files": files, "record_files": r["records"], "files_per_field": round((files + r["records"]) / n, 3),
             "chunks_per_field": round(_count_chunks(target) / n, 3), "scheduler_tasks": r["tasks"]}
     report["client_rss_gb"] = _client_rss_gb()
+    report["worker_threads"] = clusters
     return report
 
 
@@ -304,6 +318,9 @@ def main() -> None:
             report.setdefault("image", {"size": args.image, **ref})
             res["predict_plate_over_image"] = round(res["predict_s"] / ref["predict_s"], 3)
             res["stats_plate_over_image"] = round(res["stats_s"] / ref["stats_s"], 3)
+            res["stats_on_predict_cluster_plate_over_image"] = round(
+                res["stats_on_predict_cluster_s"] / ref["stats_on_predict_cluster_s"], 3)
+            res["worker_threads"] = both["worker_threads"]
             res["files_per_field_minus_chunks"] = round(res["files_per_field"] - res["chunks_per_field"], 3)
             m = {"files_per_field": res["files_per_field_minus_chunks"] <= TARGETS["files_per_field_minus_chunks"],
                  "image_files": ref["files_per_field"] - ref["chunks_per_field"] <= TARGETS["files_per_field_minus_chunks"]}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 
+import dask
 import dask.array as da
 import dask.core
 import numpy as np
@@ -261,6 +262,52 @@ def test_dataset_scope_needs_shared_channels_and_dtype(tmp_path):
     assert per_image["images"]["b"]["y"]["dtype"] == "uint8"
 
 
+def test_image_scope_over_many_images_runs_whole_images_per_task(tmp_path, monkeypatch):
+    """From 2 images per thread each task reads and finishes whole images; the figures are numpy's exactly and
+    the same as the engine's chunk-spread path, for every dtype and pass count, and errors stay as clear."""
+    from l2l_scale.preprocess import normalize as nmod
+    from l2l_scale.preprocess import stats_sources
+
+    rng = np.random.default_rng(13)
+    arrays = {
+        "u16": _microscopy_like(rng, (2, 150, 170), np.uint16, 0, 65536),
+        "f32": rng.normal(5, 3, (2, 90, 70)).astype(np.float32),  # 32-bit keys: two passes
+        "i8": rng.integers(-128, 128, (2, 40, 50)).astype(np.int8),
+        "f64": rng.normal(0, 1, (2, 64, 64)),
+        "u16b": _microscopy_like(rng, (2, 33, 200), np.uint16, 100, 4096),
+    }
+    root = tmp_path / "folder"
+    root.mkdir()
+    for name, arr in arrays.items():
+        write_image(xr.DataArray(arr, dims=("c", "y", "x"), coords={"c": ["in", "tgt"]}), root / f"{name}.zarr",
+                    chunks=64)
+    calls = []
+    task = nmod._images_task
+    monkeypatch.setattr(nmod, "_images_task", lambda *a: calls.append(len(a[0].value)) or task(*a))
+    with dask.config.set(scheduler="threads", num_workers=2):
+        stats = dataset_stats(root, q=(2, 99.5))
+        assert calls == [len(arrays)]  # one process, 0.3 MB of pixels: one task
+        calls.clear()
+        monkeypatch.setattr(stats_sources, "_TASK_BYTES", 1)  # a task per image
+        assert dataset_stats(root, q=(2, 99.5)) == stats and calls == [1] * len(arrays)
+        assert list(stats["images"]) == sorted(arrays) and stats["passes"] == 2
+        assert stats["method"] == "two-pass" and stats["error_bound"] == 0.0
+        for name, arr in arrays.items():
+            for c, ch in enumerate(["in", "tgt"]):
+                e = stats["images"][name][ch]
+                assert (e["lo"], e["hi"]) == tuple(np.percentile(arr[c], (2, 99.5))), (name, ch)
+                assert (e["min"], e["max"], e["count"], e["dtype"]) == (arr[c].min(), arr[c].max(), arr[c].size,
+                                                                        str(arr.dtype))
+        only = dataset_stats(root, q=(2, 99.5), channels=["tgt"])
+        assert all(list(v) == ["tgt"] for v in only["images"].values())
+        with pytest.raises(ChannelError, match="nope"):
+            dataset_stats(root, channels=["nope"])
+        monkeypatch.setattr(nmod, "_PER_IMAGE_TASKS_FROM", 10**9)  # the engine's chunk-spread path
+        calls.clear()
+        engine = dataset_stats(root, q=(2, 99.5))
+        assert not calls and engine["images"] == stats["images"] and engine["passes"] == stats["passes"]
+
+
 def test_image_scope_single_image_and_json_round_trip(tmp_path):
     arr = _microscopy_like(np.random.default_rng(12), (2, 100, 90), np.uint16, 0, 4096)
     img = write_image(xr.DataArray(arr, dims=("c", "y", "x"), coords={"c": ["in", "target"]}),
@@ -375,11 +422,23 @@ def test_constant_channel_is_an_input_error():
         normalize(img.sel(c=["DAPI"]), [lo], [hi])
 
 
+def _untrimmed(trimmed, m):
+    """A trimmed ``(first digit, counts)`` histogram as all 2^m counts."""
+    out = np.zeros(1 << m, dtype=np.int64)
+    if trimmed is not None:
+        first, counts = trimmed
+        assert counts[0] and counts[-1]  # trimmed to the first and last non-empty digit
+        out[first: first + counts.size] = counts
+    return out
+
+
+# 5000 keys: the span from min/max (few keys per digit); 300,000: the full 2^m counts, then trimmed.
+@pytest.mark.parametrize("n", [5000, 300_000])
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.uint32, np.uint64])
-def test_counting_kernel_equals_bincount_of_the_selected_digits(dtype):
+def test_counting_kernel_equals_bincount_of_the_selected_digits(dtype, n):
     bits = np.dtype(dtype).itemsize * 8
     rng = np.random.default_rng(11)
-    keys = rng.integers(0, np.iinfo(dtype).max, 5000, dtype=dtype, endpoint=True)
+    keys = rng.integers(0, np.iinfo(dtype).max, n, dtype=dtype, endpoint=True)
     keys[:1000] = keys[0]  # one prefix with many members, so a selection is not empty
     for known in sorted({0, min(8, bits - 1), max(0, bits - 16)}):
         m = min(16, bits - known)
@@ -387,7 +446,14 @@ def test_counting_kernel_equals_bincount_of_the_selected_digits(dtype):
         sel = keys if not known else keys[(keys >> np.uint64(bits - known)).astype(np.uint64) == prefix]
         digits = (sel.astype(np.uint64) >> np.uint64(bits - known - m)) & np.uint64((1 << m) - 1)
         want = np.bincount(digits.astype(np.intp), minlength=1 << m)
-        np.testing.assert_array_equal(norm._histogram(keys, bits, known, prefix), want)
+        np.testing.assert_array_equal(_untrimmed(norm._histogram(keys, bits, known, prefix), m), want)
+
+
+def test_histogram_of_an_empty_selection_is_none():
+    keys = np.full(10, 5, dtype=np.uint16)  # top 8 bits 0: prefix 1 selects nothing
+    assert norm._histogram(keys, 16, 8, 1) is None
+    assert norm._histogram(keys[:0], 16, 0, 0) is None
+    np.testing.assert_array_equal(norm._histogram(keys, 16, 8, 0)[1], [10])
 
 
 def test_counting_kernel_compiles_without_a_writable_cache(monkeypatch):
@@ -403,7 +469,7 @@ def test_counting_kernel_compiles_without_a_writable_cache(monkeypatch):
     monkeypatch.setattr(caching.CacheImpl, "_locator_classes", [_Nowhere])
     monkeypatch.setattr(norm, "_kernel", None)
     keys = np.array([3, 3, 7, 65535], dtype=np.uint16)
-    np.testing.assert_array_equal(norm._histogram(keys, 16, 0, 0), np.bincount(keys, minlength=65536))
+    np.testing.assert_array_equal(_untrimmed(norm._histogram(keys, 16, 0, 0), 16), np.bincount(keys, minlength=65536))
 
 
 @pytest.mark.parametrize("dtype", [">u2", ">i2", ">i4", ">f4", ">f8"])

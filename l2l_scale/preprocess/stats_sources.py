@@ -2,7 +2,9 @@
 
 A plate of thousands of small fields spent most of its statistics time building per-field dask graphs (about
 15 ms a field against 1 ms of reading); these sources are grouped into a few tasks per worker thread instead,
-and their chunks are read through :func:`l2l_scale.io.chunks.cached_array` (no zarr-python per chunk).
+and their chunks are read through :func:`l2l_scale.io.chunks.cached_array` (no zarr-python per chunk). With
+scope "image" over many images, whole images go to each task (``local`` sources, read inside it), so the client
+handles one small dict per image (:func:`l2l_scale.preprocess.normalize.dataset_stats`).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class ZarrSource:
     array_shape: tuple[int, ...]
     chunks: tuple[int, ...]
     dtype: np.dtype
+    local: bool = False  # read in the calling task (which already holds whole images), not in tasks of its own
 
     @staticmethod
     def run_pass(sources: list, batch: list[int], requests: dict, label: str | None) -> dict:
@@ -55,6 +58,24 @@ class ZarrSource:
                                         for ch in self.channels):
                 out.append(region)
         return out
+
+
+def worker_threads() -> int:
+    """Threads that will run tasks: the distributed client's workers', else the local scheduler's."""
+    from l2l_scale.cluster import current_client
+
+    client = current_client()
+    if client is not None:
+        return sum(client.nthreads().values())
+    return dask.config.get("num_workers", None) or os.cpu_count() or 1
+
+
+def worker_processes() -> int:
+    """Worker processes that will run tasks (1 for dask's local schedulers)."""
+    from l2l_scale.cluster import current_client
+
+    client = current_client()
+    return len(client.nthreads()) if client is not None else 1
 
 
 class _Opaque:
@@ -103,17 +124,16 @@ def _zarr_pass(sources: list, batch: list[int], requests: dict[int, tuple[tuple,
     """One pass over the zarr sources in ``batch``, their chunks spread over a few tasks per worker thread."""
     from dask import delayed
 
-    from l2l_scale.cluster import compute_with_progress, current_client
+    from l2l_scale.cluster import compute_with_progress
 
     items = [(sources[s], s, region, *requests[s]) for s in batch if s in requests
              for region in sources[s].chunk_regions()]
     if not items:
         return {}
+    if items[0][0].local:
+        return _zarr_chunks_stats(_Opaque(items))
     nbytes = sum(math.prod(r.stop - r.start for r in it[2]) * it[0].dtype.itemsize for it in items)
-    client = current_client()
-    threads = (sum(client.nthreads().values()) if client is not None else
-               (dask.config.get("num_workers", None) or os.cpu_count() or 1))
-    n_tasks = min(len(items), max(4 * threads, math.ceil(nbytes / _TASK_BYTES)))
+    n_tasks = min(len(items), max(4 * worker_threads(), math.ceil(nbytes / _TASK_BYTES)))
     bounds = np.linspace(0, len(items), n_tasks + 1).astype(int)
     # Each task's items travel as one opaque object: dask would otherwise walk every nested tuple and slice.
     parts = [delayed(_zarr_chunks_stats, pure=False)(_Opaque(items[a:b])) for a, b in zip(bounds[:-1], bounds[1:])]
