@@ -258,6 +258,12 @@ def _prepare_block(task: dict, plane: dict, region: tuple, record: Any) -> _Prep
     y_idx = _reflect_index(np.arange(y0, y1) - ay, H)
     x_idx = _reflect_index(np.arange(x0, x1) - ax, W)
     ylo, yhi, xlo, xhi = int(y_idx.min()), int(y_idx.max()) + 1, int(x_idx.min()), int(x_idx.max()) + 1
+    if hasattr(src, "keep_decoded"):
+        cy, cx = (src.chunks[task["src_dims"].index(d)] for d in ("y", "x"))
+        if ylo // cy != (yhi - 1) // cy or xlo // cx != (xhi - 1) // cx:  # the halo reaches other blocks' chunks
+            # Blocks run about row by row, so the rows of chunks one read touches, plus one, across the image.
+            rows = -(-(yhi - ylo) // cy) + 1
+            src.keep_decoded(rows * -(-W // cx) * len(task["channels"]) * math.prod(src.chunks) * src.dtype.itemsize)
     raw = np.stack([read_region(src, _index(task["src_dims"], plane, c, slice(ylo, yhi), slice(xlo, xhi)),
                                 task["input"]) for c in task["channels"]], axis=-1)
     raw = raw[y_idx - ylo][:, x_idx - xlo]

@@ -105,3 +105,42 @@ def test_fancy_keys_fall_back_and_damaged_chunks_are_named(tmp_path):
     with pytest.raises(InputError, match=r"cannot read region \[0:32, 32:64\].*damaged"):
         read_region(fast, (slice(0, 32), slice(32, 64)), tmp_path)
     np.testing.assert_array_equal(read_region(fast, (slice(0, 32), slice(0, 32)), tmp_path), arr[:32, :32])
+
+
+def test_kept_decoded_chunks_are_read_once_within_their_budget(tmp_path, monkeypatch):
+    """Overlapping reads (blocks with halos) decode each chunk once; the LRU stays within its byte budget, an
+    array recreated in place is read afresh, and a caller cannot write into a shared chunk."""
+    from l2l_scale.io import chunks
+
+    monkeypatch.setattr(chunks, "_DECODED", chunks._DecodedChunks())
+    x = _data("uint16", (1, 64, 96), 0)
+    zarr.create_array(str(tmp_path / "a.zarr"), shape=x.shape, chunks=(1, 32, 32), dtype="uint16",
+                      compressors=[ZstdCodec()])[...] = x
+    arr = open_local(str(tmp_path), "a.zarr")
+    decoded = []
+    read = arr.read_chunk
+    monkeypatch.setattr(arr, "read_chunk", lambda index: decoded.append(index) or read(index))
+    arr.keep_decoded(6 * 32 * 32 * 2)  # all six chunks
+    for y0, x0 in [(0, 0), (0, 24), (20, 40), (8, 8)]:  # overlapping windows, as halos overlap
+        got = arr[:, y0:y0 + 40, x0:x0 + 50]
+        np.testing.assert_array_equal(got, x[:, y0:y0 + 40, x0:x0 + 50])
+        got[...] = 0  # the caller's copy, not the kept chunk
+    assert sorted(decoded) == sorted(set(decoded)) and len(decoded) == 6
+    np.testing.assert_array_equal(arr[...], x)
+    assert chunks._DECODED._bytes <= chunks._DECODED.budget == 6 * 32 * 32 * 2
+    with pytest.raises(ValueError):
+        chunks._DECODED.get(next(iter(chunks._DECODED._items)))[0, 0, 0] = 1
+
+    chunks._DECODED.budget = 2 * 32 * 32 * 2  # room for two: the least recently used go first
+    chunks._DECODED.put(("other", (0,)), np.zeros((1, 32, 32), np.uint16))
+    assert len(chunks._DECODED._items) == 2 and chunks._DECODED._bytes <= chunks._DECODED.budget
+
+    y = x + 1  # recreated in place: a new array object, nothing stale
+    zarr.create_array(str(tmp_path / "a.zarr"), shape=x.shape, chunks=(1, 32, 32), dtype="uint16",
+                      compressors=[ZstdCodec()], overwrite=True)[...] = y
+    again = open_local(str(tmp_path), "a.zarr")
+    again.keep_decoded(1)
+    np.testing.assert_array_equal(again[...], y)
+    writable = open_local(str(tmp_path), "a.zarr", "r+")
+    writable.keep_decoded(1 << 20)  # never for arrays open for writing
+    assert not writable._keep

@@ -41,6 +41,47 @@ class _Unsupported(Exception):
     """The array needs zarr-python (a layout the fast path does not cover)."""
 
 
+class _DecodedChunks:
+    """Decoded chunks of read-only arrays, least recently used first out, shared by a process's threads.
+
+    Overlapped reads decode every chunk several times: a 1024^2 block whose halo reaches into its 8 neighbours'
+    1024^2 chunks decoded 137 chunks for a 4096^2 image's 16 blocks, 0.29 s of the 0.89 s a bf16 predict spent
+    outside the model on 2 cores. One budget for all arrays, so a plate of thousands of fields cannot pile up.
+    """
+
+    CAP = 1 << 29  # at most this many bytes whatever the callers ask for
+
+    def __init__(self):
+        self._items: dict[tuple, np.ndarray] = {}  # insertion order is recency order
+        self._lock = threading.Lock()
+        self._bytes = 0
+        self.budget = 0
+
+    def want(self, nbytes: int) -> None:
+        with self._lock:
+            self.budget = min(self.CAP, max(self.budget, int(nbytes)))
+
+    def get(self, key: tuple) -> np.ndarray | None:
+        with self._lock:
+            chunk = self._items.pop(key, None)
+            if chunk is not None:
+                self._items[key] = chunk
+            return chunk
+
+    def put(self, key: tuple, chunk: np.ndarray) -> None:
+        chunk.flags.writeable = False  # shared: a caller that wrote into it would corrupt later reads
+        with self._lock:
+            if key in self._items or chunk.nbytes > self.budget:
+                return
+            self._items[key] = chunk
+            self._bytes += chunk.nbytes
+            while self._bytes > self.budget:
+                self._bytes -= self._items.pop(next(iter(self._items))).nbytes
+
+
+_DECODED = _DecodedChunks()
+
+
 def _codec(spec: dict, itemsize: int) -> Any:
     """The numcodecs object zarr builds for one bytes-to-bytes codec of an array's ``codecs`` list."""
     name, cfg = spec.get("name"), spec.get("configuration") or {}
@@ -111,6 +152,26 @@ class LocalArray:
         self._key_prefix, self._sep = ("c",) if kname == "default" else (), sep
         self.write_empty_chunks = bool(zarr.config.get("array.write_empty_chunks"))
         self._zarr: Any = None
+        self._keep = False  # reads go through _DECODED (see keep_decoded)
+        self._token = uuid.uuid4().hex  # an array recreated in place is another array for _DECODED
+
+    def keep_decoded(self, nbytes: int) -> None:
+        """Keep decoded chunks of this read-only array for later reads, within a process-wide LRU budget of at
+        least ``nbytes`` (capped at 512 MiB): for reads that overlap, such as blocks with halos."""
+        if self.read_only:
+            self._keep = True
+            _DECODED.want(nbytes)
+
+    def _chunk_for_read(self, index: tuple[int, ...]) -> np.ndarray | None:
+        if not self._keep:
+            return self.read_chunk(index)
+        key = (self._token, index)
+        chunk = _DECODED.get(key)
+        if chunk is None:
+            chunk = self.read_chunk(index)
+            if chunk is not None:
+                _DECODED.put(key, chunk)
+        return chunk
 
     def _fallback(self) -> Any:
         if self._zarr is None:
@@ -190,7 +251,7 @@ class LocalArray:
         if out.size:
             for index in self._chunk_indices(ranges):
                 inner, outer, _ = self._overlap(index, ranges)
-                chunk = self.read_chunk(index)
+                chunk = self._chunk_for_read(index)
                 out[outer] = self.fill_value if chunk is None else chunk[inner]
         return out.reshape([n for d, n in enumerate(out.shape) if d not in squeeze]) if squeeze else out
 
