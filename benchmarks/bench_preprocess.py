@@ -29,6 +29,7 @@ from pathlib import Path
 import psutil
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's l2l_scale, not an installed one
 from _procmem import run_measured  # noqa: E402
 
 DRIFT = (3.4, -2.2)

@@ -123,6 +123,9 @@ def test_local_cluster_listens_on_loopback_only():
         opened = _listening(os.getpid()) - before  # the scheduler and dashboard run in this process
         assert len(opened) >= 2 and {ip for ip, _ in opened} == {"127.0.0.1"}, opened
         assert cl.worker_resources(client) == {}
+        # distributed's other worker variables stay; its malloc trim threshold (a slower model, see backends) goes.
+        env = client.run(lambda: (os.environ.get("MALLOC_TRIM_THRESHOLD_"), os.environ.get("OMP_NUM_THREADS")))
+        assert list(env.values()) == [(None, "1")]
     assert cl.LocalConfig().dashboard_address == "127.0.0.1:8787"
 
 
