@@ -357,12 +357,16 @@ def _stats_in_image_tasks(refs, channels, qs, max_passes, progress) -> tuple[dic
     from l2l_scale.io.read import image_meta
     from l2l_scale.preprocess.stats_sources import _TASK_BYTES, _Opaque, worker_processes
 
-    # Tasks of up to _TASK_BYTES of pixels (estimated from the first image), at least one per worker process.
-    # Not one per thread: small images are mostly Python work under the GIL, and two threads of one process
-    # contending for it took 1.5x as long as one thread alone (256 fields of 256^2, 2 cores).
+    # Tasks of up to _TASK_BYTES of pixels (estimated from the first image), at least one per worker process, and
+    # one per thread only for images of 1 MiB or more. Small images are mostly Python work under the GIL (about
+    # 0.15 ms each against 0.2 ms of decoding a 256^2 uint16 field), and two threads of one process contending for
+    # it took 1.5x as long as one thread alone (256 fields of 256^2, 2 cores); larger ones decode without it.
+    from l2l_scale.preprocess.stats_sources import worker_threads
+
     first = image_meta(refs[0].path)
-    nbytes = math.prod(first.shape) * first.dtype.itemsize * len(refs)
-    n_tasks = min(len(refs), max(worker_processes(), math.ceil(nbytes / _TASK_BYTES)))
+    per_image = math.prod(first.shape) * first.dtype.itemsize
+    least = worker_threads() if per_image >= 1 << 20 else worker_processes()
+    n_tasks = min(len(refs), max(least, math.ceil(per_image * len(refs) / _TASK_BYTES)))
     bounds = np.linspace(0, len(refs), n_tasks + 1).astype(int)
     chans = tuple(channels) if channels else None
     parts = [delayed(_images_task, pure=False)(_Opaque(refs[a:b]), chans, qs, max_passes)
