@@ -68,7 +68,7 @@ def test_roundtrip_keeps_data_and_metadata(tmp_path):
 def test_metadata_equals_what_ome_zarr_writer_writes(tmp_path):
     """write.py builds the multiscales and plate blocks itself (see its comments); they must stay ome-zarr-py's."""
     from ome_zarr.format import FormatV05
-    from ome_zarr.writer import write_multiscales_metadata, write_plate_metadata
+    from ome_zarr.writer import write_multiscales_metadata, write_plate_metadata, write_well_metadata
 
     arr, _ = _image()
     out = write_image(arr, tmp_path / "img.zarr", chunks=64, top_max=100)
@@ -93,6 +93,9 @@ def test_metadata_equals_what_ome_zarr_writer_writes(tmp_path):
     theirs = dict(ref.attrs["ome"])
     assert theirs["plate"].pop("version") == "0.5"  # the one difference, see write_plate_layout
     assert ours == theirs
+    for well, fields in (("A/1", ["0", "1"]), ("B/3", ["0"])):  # wells are written as files, see write_plate_layout
+        write_well_metadata(ref.require_group(well), [{"path": f} for f in fields], fmt=FormatV05())
+        assert dict(zarr.open_group(str(plate / well), mode="r").attrs) == dict(ref[well].attrs)
 
 
 def test_pyramid_is_2x_mean_until_1024(tmp_path):

@@ -82,3 +82,31 @@ def test_cli_uses_an_external_scheduler(cluster, model_and_image, tmp_path):
     assert "Dask dashboard:" in run.stderr
     local = predict(mdir, img, tmp_path / "local.zarr", channels=["AC-15"], tile=64)  # the Python API
     np.testing.assert_array_equal(open_image(tmp_path / "ext.zarr").values, open_image(local).values)
+
+
+def test_waves_start_small_and_double_while_the_client_keeps_planning(cluster, monkeypatch):
+    """Workers get tasks after the first few units are planned, not after a whole 20,000-task wave."""
+    import operator
+
+    from dask import delayed
+
+    from l2l_scale.cluster import compute_waves
+
+    _, client = cluster
+    planned, waves = [], []
+    compute = client.compute
+
+    def recording(tasks, **kwargs):
+        waves.append((len(tasks), len(planned)))
+        return compute(tasks, **kwargs)
+
+    monkeypatch.setattr(client, "compute", recording)
+
+    def units():
+        for u in range(10):
+            planned.append(u)
+            yield [delayed(operator.add, pure=False)(3 * u, k) for k in range(3)]  # importable by the workers
+
+    assert compute_waves(units(), "test", n_units=10) == 30
+    # Two single-threaded workers: the first wave stops at 2 x 2 tasks (two units of three), then 8, then 16.
+    assert waves == [(6, 2), (9, 5), (15, 10)]

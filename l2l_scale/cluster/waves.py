@@ -82,9 +82,12 @@ def compute_waves(units: Iterable[Sequence[Any]], label: str, *, n_units: int, u
 
     ``units`` yields, per unit, the list of its dask collections, or ``(n, tasks)`` for ``n`` units that share
     tasks (fields whose small blocks are predicted together); it is consumed lazily, in waves of about
-    :data:`WAVE_TASKS` tasks. With a distributed client the next wave is submitted while the current one still
-    runs (once fewer than half a wave is left), so workers never idle between fields, and the client holds the
-    task descriptions of at most about two waves. One progress bar counts tasks, units finished, the ETA and
+    :data:`WAVE_TASKS` tasks. With a distributed client the first wave is only large enough to occupy every
+    worker thread twice, and waves double from there: the workers start on the first fields while the client
+    still plans (creates the output groups of) the rest, instead of idling until a whole wave is planned (0.5 s
+    for a plate of 256 fields). Further waves are planned and submitted while fewer than half a wave is in
+    flight, so workers never idle between fields, and the client holds the task descriptions of at most about
+    two waves. One progress bar counts tasks, units finished, the ETA and
     the dashboard URL. On failure, tasks still running are waited for (see :func:`compute_with_progress`).
 
     Returns
@@ -114,7 +117,7 @@ def compute_waves(units: Iterable[Sequence[Any]], label: str, *, n_units: int, u
             state["units_done"] += weights[u]
             bar.update(job, units=f"{state['units_done']}/{n_units} {unit_name}")
 
-        def next_wave() -> list:
+        def next_wave(limit: int = WAVE_TASKS) -> list:
             wave: list = []
             for tasks in it:
                 n, tasks = tasks if isinstance(tasks, tuple) else (1, tasks)
@@ -126,7 +129,7 @@ def compute_waves(units: Iterable[Sequence[Any]], label: str, *, n_units: int, u
                 for t in tasks:
                     owner[t.key] = u
                 wave.extend(tasks)
-                if len(wave) >= WAVE_TASKS:
+                if len(wave) >= limit:
                     break
             state["tasks"] += len(wave)
             bar.update(job, total=state["tasks"])
@@ -151,21 +154,25 @@ def compute_waves(units: Iterable[Sequence[Any]], label: str, *, n_units: int, u
         live: set = set()
         ac = as_completed()
 
-        def submit(wave: list) -> bool:
-            if wave:
-                futures = client.compute(wave, resources=resources)
-                live.update(futures)
-                ac.update(futures)
-            return bool(wave)
+        plan = {"more": True, "size": max(2, 2 * sum(client.nthreads().values()))}
 
-        more = submit(next_wave())
+        def top_up() -> None:
+            while plan["more"] and ac.count() < WAVE_TASKS // 2:
+                wave = next_wave(plan["size"])
+                plan["size"] = min(2 * plan["size"], WAVE_TASKS)
+                if wave:
+                    futures = client.compute(wave, resources=resources)
+                    live.update(futures)
+                    ac.update(futures)
+                plan["more"] = bool(wave)
+
         try:
+            top_up()
             for fut in ac:
                 fut.result()
                 live.discard(fut)
                 task_done(fut.key)
-                if more and ac.count() < WAVE_TASKS // 2:
-                    more = submit(next_wave())
+                top_up()
         except BaseException:
             keys = {str(f.key) for f in live}
             client.cancel(list(live))

@@ -239,6 +239,6 @@ def finish_block(group: str, dims: Sequence[str], channel_names: Sequence[str], 
         ome["omero"] = omero_metadata(channel_names, display_windows(top, dims))
     doc["attributes"] = {**doc["attributes"], "ome": ome, **(attrs_extra or {})}
     tmp = doc_path.with_name(f"zarr.json.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(doc, indent=2))
+    tmp.write_text(json.dumps(doc))  # unindented, as create_image_group writes it (json's C encoder)
     os.replace(tmp, doc_path)  # readers never see half a document
     return 1
