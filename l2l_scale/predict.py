@@ -212,6 +212,7 @@ def _predict_blocks(blocks: _Blocks, per_call: int) -> int:
             for (blk, a, b), yt in zip(chunk, yb):
                 blk.result[a[0] - blk.oy:a[1] - blk.oy, b[0] - blk.ox:b[1] - blk.ox] = \
                     yt[a[0] - a[2]:a[1] - a[2], b[0] - b[2]:b[1] - b[2]]
+    written: dict[str, np.ndarray] = {}  # images written whole by this task: their level 0, for finish_block
     for (task, plane, region, record), blk in zip(blocks.items, prepared):
         result = blk.result
         if task["uint16"]:
@@ -219,12 +220,14 @@ def _predict_blocks(blocks: _Blocks, per_call: int) -> int:
             result = np.clip(np.rint((result - offset) / scale), 0, 65535).astype(np.uint16)
         oy0, oy1, ox0, ox1 = region
         dst = cached_array(task["dst_store"], "0", "r+")
-        dst[_index(task["dst_dims"], plane, slice(None), slice(oy0, oy1), slice(ox0, ox1))] = \
-            np.moveaxis(result, -1, 0)
+        value = np.moveaxis(result, -1, 0)
+        dst[_index(task["dst_dims"], plane, slice(None), slice(oy0, oy1), slice(ox0, ox1))] = value
         if record is not None:
             journal.record(*record)
-    for args in blocks.finish:  # after every write: it reads the image's (only) level back
-        finish_block(*args)
+        if value.size == math.prod(dst.shape):  # the whole image (its t/z, if any, of size 1)
+            written[task["dst_store"]] = value.reshape(dst.shape)
+    for args in blocks.finish:  # after every write; a field written here is not read back
+        finish_block(*args, top=written.get(args[0]))
     return len(blocks.items)
 
 

@@ -18,7 +18,8 @@ CODECS = {"blosc-zstd": lambda: [_compressor()], "blosc-lz4-bitshuffle": lambda:
     cname="lz4", clevel=3, shuffle="bitshuffle")], "zstd": lambda: [ZstdCodec()], "gzip": lambda: [GzipCodec()],
           "none": lambda: None}
 KEYS = [(slice(None),), (1, slice(3, 30), slice(None)), (Ellipsis, 5), (slice(0, 3), slice(16, 32), slice(32, 50)),
-        (-1,), (slice(2, 2),)]
+        (-1,), (slice(2, 2),), (slice(0, 2), slice(16, 32), slice(0, 32)),  # exactly one stored chunk
+        (slice(0, 2), slice(0, 16), slice(0, 32))]  # exactly the chunk zarr does not store (fill value)
 
 
 def _data(dtype, shape, fill, seed=0):
@@ -45,6 +46,9 @@ def test_reads_and_writes_equal_zarrs_for_every_codec_and_dtype(tmp_path, codec,
         got, want = fast[key], ref[key]
         assert got.dtype == want.dtype and got.shape == want.shape
         np.testing.assert_array_equal(got, want)
+    whole = fast[0:2, 16:32, 0:32]  # handed over without a copy: the caller's to change
+    whole[...] = fill
+    np.testing.assert_array_equal(fast[0:2, 16:32, 0:32], ref[0:2, 16:32, 0:32])
 
     zarr.create_array(str(tmp_path / "out.zarr"), **kw)
     out = open_local(str(tmp_path / "out.zarr"), "", "r+")
@@ -105,6 +109,15 @@ def test_fancy_keys_fall_back_and_damaged_chunks_are_named(tmp_path):
     with pytest.raises(InputError, match=r"cannot read region \[0:32, 32:64\].*damaged"):
         read_region(fast, (slice(0, 32), slice(32, 64)), tmp_path)
     np.testing.assert_array_equal(read_region(fast, (slice(0, 32), slice(0, 32)), tmp_path), arr[:32, :32])
+    # A valid blosc stream of another size (a chunk copied from an array chunked otherwise) is damage too,
+    # whether it would overrun the chunk or leave part of it undecoded.
+    for shape in ((16, 32), (64, 32)):
+        other = zarr.create_array(str(tmp_path / f"{shape[0]}.zarr"), shape=shape, chunks=shape, dtype="uint16",
+                                  compressors=[_compressor()])
+        other[:] = 7
+        chunk.write_bytes((tmp_path / f"{shape[0]}.zarr" / "c" / "0" / "0").read_bytes())
+        with pytest.raises(InputError, match=r"cannot read region \[0:32, 32:64\].*damaged"):
+            read_region(fast, (slice(0, 32), slice(32, 64)), tmp_path)
 
 
 def test_kept_decoded_chunks_are_read_once_within_their_budget(tmp_path, monkeypatch):

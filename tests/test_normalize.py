@@ -48,6 +48,17 @@ def _microscopy_like(rng: np.random.Generator, shape, dtype, lo, hi) -> np.ndarr
 # ------------------------------------------------------------------------------------------ integer: exact
 
 
+@pytest.mark.parametrize("dtype", ["uint8", "uint16", "int16", "int32", "float16", "float32", "float64"])
+def test_percentiles_in_memory_equal_numpy(dtype):
+    rng = np.random.default_rng(3)
+    for n in (1, 2, 3, 1000, 65536):
+        x = _microscopy_like(rng, (n,), np.int64, 0, 200 if dtype == "uint8" else 3000).astype(dtype)
+        if dtype.startswith("float"):
+            x = x / 7 - 100  # negative values and fractions
+        for q in ((0.1, 99.9), (0, 100), (50,), (2.0, 99.8, 33.3)):
+            np.testing.assert_array_equal(norm.percentiles_in_memory(x, q), np.percentile(x, q))
+
+
 def test_uint16_multichunk_equals_numpy_exactly():
     rng = np.random.default_rng(1)
     arr = _microscopy_like(rng, (2, 1000, 1300), np.uint16, 0, 65536)

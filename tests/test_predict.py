@@ -250,7 +250,8 @@ def test_plate_of_mixed_fields_and_pyramid_in_one_graph(models, tmp_path, capsys
     care = models["d1"]
     data = {"A/1/0": _structured((1, 96, 120), 1),
             "A/1/1": (_structured((1, 130, 77), 2) / 7.0).astype(np.float32),
-            "B/2/0": _structured((1, 1100, 40), 3).astype(np.int16)}
+            "B/2/0": _structured((1, 1100, 40), 3).astype(np.int16),
+            "B/2/1": _structured((1, 48, 40), 4)}  # one chunk, one level: written and finished in one task
     plate = write_plate({k: xr.DataArray(v, dims=("c", "y", "x"), coords={"c": ["AC-15"]})
                          for k, v in data.items()}, tmp_path / "plate.zarr", chunks=64)
     root = zarr.open_group(str(plate), mode="r+")
@@ -260,9 +261,14 @@ def test_plate_of_mixed_fields_and_pyramid_in_one_graph(models, tmp_path, capsys
     root.attrs["ome"] = ome  # B/3 is listed but was never acquired
     out = predict(Path(care.basedir) / "d1", plate, tmp_path / "out.zarr", channels=["AC-15"], tile=128, chunks=64)
     assert "1 well(s) without fields are skipped: B/3" in capsys.readouterr().err
-    assert list_fields(out) == ["A/1/0", "A/1/1", "B/2/0"]
+    assert list_fields(out) == ["A/1/0", "A/1/1", "B/2/0", "B/2/1"]
     for key, x in data.items():
         np.testing.assert_allclose(open_image(out, field=key).values, _reference(care, x, [0]), atol=1e-4, rtol=0)
+        field = zarr.open_group(str(out / key), mode="r")
+        top = field[field.attrs["ome"]["multiscales"][0]["datasets"][-1]["path"]][...]
+        window = field.attrs["ome"]["omero"]["channels"][0]["window"]  # from the data as stored on disk
+        assert [window["start"], window["end"]] == [float(v) for v in np.percentile(top, (0.1, 99.9))]
+        assert [window["min"], window["max"]] == [float(top.min()), float(top.max())]
     group = zarr.open_group(str(out / "B/2/0"), mode="r")
     level0, level1 = group["0"][...], group["1"][...]
     assert level1.shape == (1, 550, 20)

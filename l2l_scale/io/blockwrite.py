@@ -216,11 +216,12 @@ def pyramid_block(group: str, src: str, dst: str, dims: Sequence[str], region: t
 
 
 def finish_block(group: str, dims: Sequence[str], channel_names: Sequence[str], attrs_extra: dict | None,
-                 *deps: Any) -> int:
+                 *deps: Any, top: np.ndarray | None = None) -> int:
     """Set the image's display windows once every level is written (``deps``: all its write tasks).
 
     The group document is read and rewritten as JSON on a local filesystem (a few hundred microseconds,
-    against several milliseconds through zarr's group API, per field of a plate).
+    against several milliseconds through zarr's group API, per field of a plate). ``top``: the top level's
+    data, where the caller has just written all of it (else it is read back).
     """
     from l2l_scale.io.write import display_windows, finish_image_group, omero_metadata
 
@@ -235,7 +236,8 @@ def finish_block(group: str, dims: Sequence[str], channel_names: Sequence[str], 
             g.attrs.update(attrs_extra)
         return 1
     if channel_names:
-        top = cached_array(group, ome["multiscales"][0]["datasets"][-1]["path"], "r")[...]
+        if top is None:
+            top = cached_array(group, ome["multiscales"][0]["datasets"][-1]["path"], "r")[...]
         ome["omero"] = omero_metadata(channel_names, display_windows(top, dims))
     doc["attributes"] = {**doc["attributes"], "ome": ome, **(attrs_extra or {})}
     tmp = doc_path.with_name(f"zarr.json.{os.getpid()}.tmp")

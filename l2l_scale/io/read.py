@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import json
 import lzma
+import os
 import sys
 import zlib
 from dataclasses import dataclass, field
@@ -74,19 +75,25 @@ def _open_group(path: Path) -> zarr.Group:
         ) from None
 
 
-def _group_attrs(path: Path) -> dict:
+def _read_json(path: str) -> Any:
+    # Plain strings rather than pathlib: pathlib's joins cost more than reading a field's small documents.
+    with open(path, "rb") as f:
+        return json.loads(f.read())
+
+
+def _group_attrs(path: str | Path) -> dict:
     """A group's attributes read from its JSON (zarr v3 ``zarr.json``, v2 ``.zattrs``), without opening zarr.
 
     Listing a plate of thousands of fields then takes milliseconds, not seconds. Anything unusual (no such file,
     not a group, another store) goes through zarr and its errors.
     """
-    path = Path(path)
     try:
-        meta = json.loads((path / "zarr.json").read_bytes())
+        meta = _read_json(os.path.join(path, "zarr.json"))
         if isinstance(meta, dict) and meta.get("node_type") == "group":
             return dict(meta.get("attributes") or {})
     except (OSError, ValueError):
         pass
+    path = Path(path)
     try:
         if (path / ".zgroup").is_file():
             attrs = path / ".zattrs"
@@ -291,10 +298,10 @@ _PLAIN_TYPES = {"bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "u
                 "float32", "float64"}
 
 
-def _array_meta(path: Path) -> tuple[tuple[int, ...], tuple[int, ...], np.dtype]:
+def _array_meta(path: str | Path) -> tuple[tuple[int, ...], tuple[int, ...], np.dtype]:
     """(shape, chunks, dtype) of a zarr array from its v3 JSON, else through zarr (v2, irregular grids)."""
     try:
-        meta = json.loads((path / "zarr.json").read_bytes())
+        meta = _read_json(os.path.join(path, "zarr.json"))
         grid = meta["chunk_grid"]
         # Plain numeric types and a regular grid (what NGFF writers produce) are read here; zarr reads the rest.
         if meta.get("node_type") == "array" and grid.get("name") == "regular" and meta["data_type"] in _PLAIN_TYPES:
@@ -303,6 +310,7 @@ def _array_meta(path: Path) -> tuple[tuple[int, ...], tuple[int, ...], np.dtype]
                 return shape, chunks, np.dtype(meta["data_type"])
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         pass
+    path = Path(path)
     try:
         arr = zarr.open_array(store=str(path.parent), path=path.name, mode="r")
     except Exception:
@@ -317,10 +325,10 @@ def image_meta(path: str | Path) -> ImageMeta:
     The same checks and values as :func:`open_image` (which it matches field for field), about ten times faster:
     planning a plate of thousands of fields must not cost seconds per hundred fields.
     """
-    path = Path(path)
-    meta = _parse_multiscale(_group_attrs(require_exists(path)), path)
+    path = path if isinstance(path, Path) else Path(path)  # Path(a Path) parses it again
+    meta = _parse_multiscale(_group_attrs(path), path)  # a missing path fails there, as in require_exists
     ds, dims = meta.datasets[0], meta.dims
-    shape, chunks, dtype = _array_meta(path / ds["path"])
+    shape, chunks, dtype = _array_meta(os.path.join(path, ds["path"]))
     if len(shape) != len(dims):
         raise InputError(f"{path}: array has {len(shape)} dims but the axes name {len(dims)}; the NGFF metadata is broken")
     if 0 in shape:
@@ -352,11 +360,11 @@ def list_fields(path: str | Path, *, empty: list[str] | None = None) -> list[str
     _, plate = _read_plate(path)
     keys = []
     for well in plate.get("wells", []):
-        wpath = path / well["path"]
-        if not wpath.exists():
+        wpath = os.path.join(path, well["path"])  # a string: pathlib cost more than the well's document
+        if not os.path.exists(wpath):
             images = []
         else:
-            _, wome = _ome_attrs(_group_attrs(wpath), wpath)
+            _, wome = _ome_attrs(_group_attrs(wpath), Path(wpath))
             images = wome.get("well", {}).get("images", [])
         if not images and empty is not None:
             empty.append(well["path"])

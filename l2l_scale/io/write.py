@@ -138,6 +138,8 @@ def omero_metadata(channel_names: Sequence[str], windows: Sequence[tuple[float, 
 
 def display_windows(top: np.ndarray, dims: Sequence[str], percentiles=(0.1, 99.9)) -> list[tuple[float, float, float, float]]:
     """omero display windows (start, end, min, max) per channel from percentiles of a (small) pyramid level."""
+    from l2l_scale.preprocess.percentile_engine import percentiles_in_memory
+
     arr = np.asarray(top)
     if "c" in dims:
         arr = np.moveaxis(arr, dims.index("c"), 0)
@@ -155,7 +157,7 @@ def display_windows(top: np.ndarray, dims: Sequence[str], percentiles=(0.1, 99.9
         if flat.size == 0:
             lo = hi = mn = mx = 0.0
         else:
-            lo, hi = (float(v) for v in np.percentile(flat, percentiles))
+            lo, hi = (float(v) for v in percentiles_in_memory(flat, percentiles))  # == np.percentile, faster
             mn, mx = full or (float(flat.min()), float(flat.max()))
         if hi <= lo:
             hi = lo + 1.0

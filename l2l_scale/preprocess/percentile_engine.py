@@ -453,6 +453,29 @@ def _finish(pool: _Pool, qs: np.ndarray) -> tuple[np.ndarray, Any, Any, float]:
     return out, mn, mx, max(bound, emn, emx)
 
 
+def percentiles_in_memory(values: np.ndarray, qs: Sequence[float]) -> np.ndarray:
+    """``np.percentile(values, qs)`` (method ``'linear'``, float64) of an in-memory array, with the same values.
+
+    numpy selects all four order statistics of two percentiles in one ``np.partition`` with four ``kth``, which on
+    numpy 2.4 costs 14x one with a single ``kth`` (0.77 ms against 0.055 ms for 65536 float32): half the time of
+    finishing a 256^2 field of a plate went there. Each pair of neighbouring ranks ``(a, a + 1)`` takes one
+    single-``kth`` partition here (at ``a + 1``; ``a`` is the largest value left of it), and the interpolation
+    is numpy's (:func:`_lerp_like_numpy`, see the module notes for the one case where numpy wraps around).
+    """
+    flat = np.asarray(values).reshape(-1)
+    if flat.size == 0:
+        raise ValueError("percentiles of an empty array")
+    order: dict[int, Any] = {}
+    pairs = _rank_pairs(flat.size, np.asarray(qs, dtype=np.float64))
+    for a, b, _ in pairs:
+        if b not in order:
+            part = np.partition(flat, b)
+            order[b] = part[b]
+            if a != b:  # a == b - 1
+                order[a] = part[:b].max()
+    return np.array([_lerp_like_numpy(order[a], order[b], g) for a, b, g in pairs], dtype=np.float64)
+
+
 def _run_pools(sources: list, pools: list[_Pool], qs: np.ndarray, *, max_passes: int | None = None,
                progress: str | None = None) -> int:
     """Run the passes for all pools over all (channel-first) sources; returns the number of passes made."""
