@@ -483,7 +483,8 @@ def predict(model: str | Path, input: str | Path, output: str | Path, *, channel
                            "hw": (img.sizes["y"], img.sizes["x"]), "grid": plan.grid, "tile": plan.tile,
                            "halo": plan.halo, "batch": plan.batch, "n_out": spec.n_channel_out, "uint16": uint16,
                            "precision": precision, "align": align})
-            _add_blocks(image, img.sizes, dims, plans[0], ctx, delayed(ctx), groups)
+            # traverse=False: ctx holds no dask objects, and walking it cost 0.35 ms of client time per field.
+            _add_blocks(image, img.sizes, dims, plans[0], ctx, delayed(ctx, traverse=False), groups)
             yield from groups.ready(image)
         yield from groups.ready(None)
 
