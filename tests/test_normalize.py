@@ -55,7 +55,7 @@ def test_percentiles_in_memory_equal_numpy(dtype):
         x = _microscopy_like(rng, (n,), np.int64, 0, 200 if dtype == "uint8" else 3000).astype(dtype)
         if dtype.startswith("float"):
             x = x / 7 - 100  # negative values and fractions
-        for q in ((0.1, 99.9), (0, 100), (50,), (2.0, 99.8, 33.3)):
+        for q in ((0.1, 99.9), (0, 100), (50,), (2.0, 99.8, 33.3), (0.7, 0.6, 99.9, 0.1)):  # shared ranks too
             np.testing.assert_array_equal(norm.percentiles_in_memory(x, q), np.percentile(x, q))
 
 

@@ -468,7 +468,7 @@ def percentiles_in_memory(values: np.ndarray, qs: Sequence[float]) -> np.ndarray
     order: dict[int, Any] = {}
     pairs = _rank_pairs(flat.size, np.asarray(qs, dtype=np.float64))
     for a, b, _ in pairs:
-        if b not in order:
+        if a not in order or b not in order:
             part = np.partition(flat, b)
             order[b] = part[b]
             if a != b:  # a == b - 1
