@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import platform
 import statistics
@@ -70,6 +71,7 @@ ABLATIONS = {
     # Swap: CARE.train on l2l-scale's patch store (its training / validation rows), to split patches from training.
     "csbdeep-on-l2l-patches": {"l2l_patches": True},
     "l2l-on-csbdeep-patches": {"csbdeep_patches": True},  # l2l-scale's train on CSBDeep's patches and split
+    "l2l-on-csbdeep-fixed-pct-patches": {"csbdeep_patches": True, "fixed_percentiles": (2.0, 99.8)},
 }
 
 
@@ -107,6 +109,11 @@ def _data(base: Path, structure: str, n_train: int, n_test: int, size: int) -> d
 def _timing(seconds: list[float], steps: int) -> float:
     later = seconds[1:] or seconds
     return statistics.median(later) / steps
+
+
+def _curve(values) -> list[float]:
+    """Per-epoch validation losses, kept in the JSON: on the same patches the two trainers' curves can be compared."""
+    return [round(float(v), 5) for v in values]
 
 
 def _net(args) -> dict:
@@ -149,7 +156,8 @@ def _put_csbdeep_patches(store: Path, npz: Path) -> None:
 
 
 def _train_l2l(d: dict, out: Path, seed: int, args, loss: str = "l1", patch_kw: dict | None = None,
-               train_kw: dict | None = None, filter_rule: str | None = None, csbdeep_patches: bool = False) -> dict:
+               train_kw: dict | None = None, filter_rule: str | None = None, csbdeep_patches: bool = False,
+               fixed_percentiles: tuple | None = None) -> dict:
     from unittest import mock
 
     from l2l_scale.patches import create_patches
@@ -165,15 +173,16 @@ def _train_l2l(d: dict, out: Path, seed: int, args, loss: str = "l1", patch_kw: 
                                split_by="patch", validation_fraction=0.1, seed=seed, overwrite=True,
                                **(patch_kw or {}))
     if csbdeep_patches:
-        _put_csbdeep_patches(store, _csbdeep_patches(d, out, seed, args))
+        _put_csbdeep_patches(store, _csbdeep_patches(d, out, seed, args, fixed_percentiles))
     t_patches = time.perf_counter() - t0
-    seconds: list[float] = []
+    rows: list[dict] = []
     t0 = time.perf_counter()
     train(store, out / "model", epochs=args.epochs, steps_per_epoch=args.steps, batch_size=args.batch,
           loss=loss, learning_rate=args.lr, strategy="none", seed=seed, tensorboard=False, overwrite=True,
-          hooks=[lambda e, row, m: seconds.append(float(row["seconds"]))], **_net(args), **(train_kw or {}))
+          hooks=[lambda e, row, m: rows.append(row)], **_net(args), **(train_kw or {}))
     return {"model": out / "model", "patch_s": t_patches, "train_s": time.perf_counter() - t0,
-            "step_s": _timing(seconds, args.steps)}
+            "step_s": _timing([float(r["seconds"]) for r in rows], args.steps),
+            "val_loss": _curve(r["val_loss"] for r in rows)}
 
 
 def _l2l_store_arrays(d: dict, out: Path, seed: int, args):
@@ -244,9 +253,9 @@ def _train_csbdeep(d: dict, out: Path, seed: int, args, fixed_percentiles: tuple
 
     model.callbacks.append(_Clock())
     t0 = time.perf_counter()
-    model.train(Xt, Yt, validation_data=(Xv, Yv))
+    history = model.train(Xt, Yt, validation_data=(Xv, Yv))
     return {"model": out / "model", "patch_s": t_patches, "train_s": time.perf_counter() - t0,
-            "step_s": _timing(seconds, args.steps)}
+            "step_s": _timing(seconds, args.steps), "val_loss": _curve(history.history["val_loss"])}
 
 
 # ------------------------------------------------------------------------------------------------- scoring
@@ -333,7 +342,8 @@ def _summary(runs: list[dict]) -> dict:
 
 
 def _verdict(l2l: dict, ref: dict) -> dict:
-    delta, ok = {}, {}
+    delta, ok, t = {}, {}, {}
+    n1, n2 = len(l2l["runs"]), len(ref["runs"])
     for m in ("pcc", "psnr"):
         for against in ("target", "truth"):
             k = f"{m}_{against}"
@@ -341,10 +351,14 @@ def _verdict(l2l: dict, ref: dict) -> dict:
             delta[k] = round(dv, 5)
             limit = MAX_PCC_LOSS if m == "pcc" else MAX_PSNR_LOSS
             ok[k] = bool(dv >= -ref["sd"][k] and dv >= -limit)
+            # Welch's t of the difference: with 3 seeds a run-to-run spread of one s.d. makes |t| < 2 noise, and
+            # two identical procedures miss "within 1 s.d." (of a 3-seed s.d.) in about 1 check in 6.
+            se = math.sqrt(l2l["sd"][k] ** 2 / n1 + ref["sd"][k] ** 2 / n2)
+            t[k] = round(dv / se, 2) if se > 0 else None
     for k in ("nrmse_target", "nrmse_truth", "ms_ssim_5_target", "ms_ssim_5_truth", "psnr_fit_target",
               "psnr_fit_truth", "ms_ssim_5_fit_truth"):
         delta[k] = round(l2l["mean"][k] - ref["mean"][k], 5)
-    return {"delta": delta, "within": ok}
+    return {"delta": delta, "within": ok, "t": t}
 
 
 # ------------------------------------------------------------------------------------------------- main
@@ -390,6 +404,7 @@ def run_structure(structure: str, base: Path, args) -> dict:
         "delta": verdict["delta"],
         "sd": {k: ref["sd"][k] for k in ("pcc_truth", "psnr_truth", "pcc_target", "psnr_target")},
         "within_target": verdict["within"],
+        "welch_t": verdict["t"],
         "step_s": {"l2l": l2l["mean"]["step_s"], "csbdeep": ref["mean"]["step_s"]},
         "step_s_ratio": round(l2l["mean"]["step_s"] / ref["mean"]["step_s"], 3),
     }
