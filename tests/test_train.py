@@ -130,6 +130,24 @@ def test_dataset_reads_chunks_and_shards(data):
     assert isinstance(ds, tf.data.Dataset)
 
 
+def test_chunk_reader_cache_is_bounded_and_exact(data):
+    from l2l_scale.train_input import _ChunkReader
+
+    store = open_patches(data["store"])
+    X, Y = store.X[...], store.Y[...]
+    row_bytes = (X[:1].astype(np.float32).nbytes + Y[:1].astype(np.float32).nbytes)
+    reader = _ChunkReader(str(data["store"]), cache_bytes=20 * row_bytes)  # one 16-row chunk fits, two do not
+    for a, b in [(0, 16), (16, 32), (0, 16), (32, 40), (0, 16)]:
+        x, y = reader(np.array([a, b]))
+        np.testing.assert_array_equal(x, X[a:b])
+        np.testing.assert_array_equal(y, Y[a:b])
+        assert not x.flags.writeable and reader._held <= reader.cache_bytes
+    assert list(reader._cache) == [(0, 16)]
+    assert reader(np.array([0, 16]))[0] is x  # served from the cache
+    big = _ChunkReader(str(data["store"]), cache_bytes=row_bytes)  # a range larger than the cache is not kept
+    assert big(np.array([0, 16]))[0].flags.writeable and not big._cache
+
+
 # -------------------------------------------------------------------- train, export, CSBDeep, predict
 
 
@@ -189,7 +207,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data):
         if epoch == 1:
             model.set_weights([np.full_like(w, np.nan) for w in model.get_weights()])
 
-    with pytest.raises(TrainingDivergedError, match=r"loss is nan at epoch 2.*last good checkpoint \(epoch 1\)"
+    with pytest.raises(TrainingDivergedError, match=r"loss is nan at epoch 2, step 1;.*last good checkpoint \(epoch 1\)"
                                                    r".*lower the learning rate"):
         train(data["store"], out, epochs=3, steps_per_epoch=2, batch_size=4, unet_n_depth=1, unet_n_first=8,
               strategy="none", hooks=[poison])
