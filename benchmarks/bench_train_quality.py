@@ -62,12 +62,9 @@ ABLATIONS = {
     "csbdeep-fixed-pct": {"fixed_percentiles": (2.0, 99.8)},   # CSBDeep without its per-patch percentile draw
     "l2l-sampled-pct": {"patch_kw": {"sample_percentiles": True}},  # l2l-scale with CSBDeep's percentile draw
     "l2l-no-plateau": {"train_kw": {"reduce_lr": False}},
-    # Foreground rule for several targets (benchmark-side, through the per-image filter levels): CSBDeep's
-    # no_background_patches thresholds the max-filtered (C, Y, X) target against the percentile of all target
-    # channels together, and its valid centres along C are only channel C // 2 (the patch spans every channel).
-    "l2l-joint-filter": {"filter_rule": "joint"},      # any target channel > threshold x joint percentile
-    "l2l-csbdeep-filter": {"filter_rule": "csbdeep"},  # channel C // 2 only > threshold x joint percentile
-    "l2l-csbdeep-filter-sampled-pct": {"filter_rule": "csbdeep", "patch_kw": {"sample_percentiles": True}},
+    # l2l-scale's other rule for several targets: every target channel decides, against its own percentile
+    # (the default is CSBDeep's: the middle channel against the percentile of all of them, patches --foreground).
+    "l2l-any-foreground": {"patch_kw": {"foreground": "any"}},
     # Swap: CARE.train on l2l-scale's patch store (its training / validation rows), to split patches from training.
     "csbdeep-on-l2l-patches": {"l2l_patches": True},
     "l2l-on-csbdeep-patches": {"csbdeep_patches": True},  # l2l-scale's train on CSBDeep's patches and split
@@ -120,27 +117,6 @@ def _net(args) -> dict:
     return dict(unet_n_depth=args.depth, unet_n_first=args.filters, unet_kern_size=args.kernel)
 
 
-def _filter_levels_as(rule: str, d: dict):
-    """A stand-in for ``l2l_scale.patches._filter_levels`` with CSBDeep's multi-target foreground levels."""
-    import numpy as np
-
-    from l2l_scale import patches
-
-    original = patches._filter_levels
-    _, tgt, _ = d["idx"]
-
-    def levels(dataset, cfg, stats, targets, progress):
-        out = original(dataset, cfg, stats, targets, progress)
-        names = d["targets"]
-        for key, per in out.items():
-            joint = float(np.percentile(d["train"][int(key.rsplit("/", 1)[-1])][tgt], cfg.filter_percentile))
-            for j, name in enumerate(names):
-                per[name] = joint if (rule == "joint" or j == len(names) // 2) else float("inf")
-        return out
-
-    return levels
-
-
 def _put_csbdeep_patches(store: Path, npz: Path) -> None:
     """Replace a store's patches by CSBDeep's, in CSBDeep's split (both: the last 10 % of rows validate)."""
     import numpy as np
@@ -156,22 +132,16 @@ def _put_csbdeep_patches(store: Path, npz: Path) -> None:
 
 
 def _train_l2l(d: dict, out: Path, seed: int, args, loss: str = "l1", patch_kw: dict | None = None,
-               train_kw: dict | None = None, filter_rule: str | None = None, csbdeep_patches: bool = False,
+               train_kw: dict | None = None, csbdeep_patches: bool = False,
                fixed_percentiles: tuple | None = None) -> dict:
-    from unittest import mock
-
     from l2l_scale.patches import create_patches
     from l2l_scale.train import train
 
     t0 = time.perf_counter()
-    rule = (mock.patch("l2l_scale.patches._filter_levels", _filter_levels_as(filter_rule, d)) if filter_rule
-            else contextlib.nullcontext())
-    with rule:
-        store = create_patches(d["plate"], out / "patches.zarr", input_channels=[d["input"]],
-                               target_channels=d["targets"], mode="separate" if len(d["targets"]) > 1 else "l2l",
-                               patch_size=args.patch_size, patches_per_image=args.patches_per_image,
-                               split_by="patch", validation_fraction=0.1, seed=seed, overwrite=True,
-                               **(patch_kw or {}))
+    store = create_patches(d["plate"], out / "patches.zarr", input_channels=[d["input"]],
+                           target_channels=d["targets"], mode="separate" if len(d["targets"]) > 1 else "l2l",
+                           patch_size=args.patch_size, patches_per_image=args.patches_per_image,
+                           split_by="patch", validation_fraction=0.1, seed=seed, overwrite=True, **(patch_kw or {}))
     if csbdeep_patches:
         _put_csbdeep_patches(store, _csbdeep_patches(d, out, seed, args, fixed_percentiles))
     t_patches = time.perf_counter() - t0

@@ -178,6 +178,12 @@ class PatchConfig(_Base):
         Sampling seed; each image's patches depend only on (seed, image key).
     threshold, filter_percentile : float
         CSBDeep ``no_background_patches(threshold, percentile)``.
+    foreground : {"csbdeep", "any"}
+        Which target channels decide a patch's foreground when there are several (one target: the same rule).
+        ``csbdeep`` (default): CSBDeep's ``create_patches`` on a (C, Y, X) target, which the paper used for its
+        separation model: the middle target channel (index C // 2; for 4 or more, the C // 2 channels around it)
+        above ``threshold`` x the ``filter_percentile`` of all target channels pooled. ``any``: any target
+        channel above ``threshold`` x its own percentile, which gives a sparse target (nuclei) more patches.
     chunk_patches : int, optional
         Patches per zarr chunk of X and Y (default: about 16 MB per chunk).
     preset : str, optional
@@ -202,6 +208,7 @@ class PatchConfig(_Base):
     seed: int = Field(0, ge=0)
     threshold: float = Field(0.4, ge=0.0, le=1.0)
     filter_percentile: float = Field(99.9, gt=0.0, le=100.0)
+    foreground: Literal["csbdeep", "any"] = "csbdeep"
     chunk_patches: int | None = Field(None, ge=1)
     preset: str | None = None
 

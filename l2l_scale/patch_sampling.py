@@ -6,7 +6,9 @@ Each image (an image, a plate field, a folder entry) is one *pair*: its input ch
 Patches are sampled at random positions from non-background areas, with CSBDeep's
 ``no_background_patches(threshold=0.4, percentile=99.9)`` rule: a position is eligible if the maximum of the
 target over a window of half the patch size around it exceeds ``threshold`` x the ``percentile``-th percentile
-of the whole target image (several targets: any of them).
+of the whole target image. Several targets (``foreground``): ``"csbdeep"``, CSBDeep's own rule for a (C, Y, X)
+target, where the middle channel decides against the percentile of all target channels pooled (see
+:func:`l2l_scale.patches._deciding_targets`), or ``"any"``, where each channel counts against its own.
 
 With ``augment`` half of the patches per image are raw and half come from augmented images, as in the paper:
 the image is zoomed by each factor of ``zooms`` (an equal share of the augmented patches each) and each zoomed
@@ -159,12 +161,14 @@ def _coarse_max(reader: _RegionReader, channels: Sequence[int], f: int) -> np.nd
 
 
 def _eligible(coarse: np.ndarray, thresholds: Sequence[float], window: float, f: int) -> np.ndarray:
-    """CSBDeep's rule on the coarse grid: max over the window > threshold (any target channel)."""
+    """CSBDeep's rule on the coarse grid: max over the window > threshold (any deciding target channel)."""
     from scipy.ndimage import maximum_filter
 
     size = max(1, int(round(window / f)))
     mask = np.zeros(coarse.shape[1:], dtype=bool)
     for c, thr in enumerate(thresholds):
+        if not np.isfinite(thr):  # a channel that does not decide (CSBDeep's rule for several targets)
+            continue
         mask |= maximum_filter(coarse[c], size=size, mode="constant", cval=-np.inf) > thr
     return mask
 
@@ -207,8 +211,7 @@ def _sample(job: dict, reader: _RegionReader) -> tuple[np.ndarray, str | None]:
         return ((cyy + f - 1 >= rminy) & (cyy <= rmaxy))[:, None] & ((cxx + f - 1 >= rminx) & (cxx <= rmaxx))[None, :]
 
     if not (masks[0] & inside(p)).any():
-        return np.zeros((0, 6)), (f"no foreground: no position where the target exceeds {cfg['threshold']:g} x its "
-                                   f"{cfg['filter_percentile']:g}th percentile")
+        return np.zeros((0, 6)), f"no foreground: no position where {job['rule']}"
     rows = []
     for kind, rot, mask in zip(kinds, rotations, masks):
         if kind["n"] == 0:

@@ -136,6 +136,57 @@ def test_foreground_sampling(store, plate):
         assert tg[y:y + P, x:x + P].max() > 0.4 * np.percentile(tg, 99.9)
 
 
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 6])
+def test_deciding_targets_are_csbdeeps(n):
+    """CSBDeep's no_background_patches on a (C, Y, X) target, at its only valid C centre, is our rule: the
+    deciding channels' max filter above threshold x the percentile of all channels pooled."""
+    from csbdeep.data import no_background_patches
+
+    rng = np.random.default_rng(n)
+    y = np.zeros((n, 128, 128), np.float32)
+    for c in range(n):  # a few spots per channel, channels of different brightness
+        for yy, xx in rng.integers(0, 128, (3, 2)):
+            y[c, yy, xx] = rng.uniform(0.3, 3.0)
+    y = ndimage.gaussian_filter(y, (0, 2, 2)) + 0.01 * rng.random(y.shape).astype(np.float32)
+    ref = no_background_patches(0.4, 99.9)((y,), (n, 32, 32))[n // 2]
+    deciding = patches_mod._deciding_targets(n)
+    ours = np.max([ndimage.maximum_filter(y[c], 16, mode="constant") for c in deciding], axis=0) > (
+        0.4 * np.percentile(y, 99.9))
+    np.testing.assert_array_equal(ours, ref)
+    assert 0.01 < ref.mean() < 0.5
+
+
+def test_several_targets_foreground_rules(plate, tmp_path):
+    """tg has its foreground in the lower-right quadrant, tg2 in the upper-left. CSBDeep's rule lets the middle
+    target decide (index 1), against the 99.9th percentile of both pooled; ``any`` samples both quadrants."""
+    from l2l_scale.io.read import list_images
+    from l2l_scale.preprocess.normalize import pooled_percentiles
+
+    path, data = plate
+    refs = list_images(path)
+    pooled = pooled_percentiles([(r.key, r.path, ["tg", "tg2"]) for r in refs], 99.9)
+    assert pooled == {r.key: float(np.percentile(data[r.key][[1, 2]], 99.9)) for r in refs}
+    quads = {}
+    for rule, targets in (("csbdeep", ["tg", "tg2"]), ("csbdeep", ["tg2", "tg"]), ("any", ["tg", "tg2"])):
+        out = create_patches(path, tmp_path / f"{rule}-{targets[0]}.zarr", mode="separate", input_channels=["in"],
+                             target_channels=targets, patch_size=P, patches_per_image=40, foreground=rule)
+        t = read_table(out)
+        assert open_patches(out).meta["sampling"]["foreground"] == rule
+        lower_right = (t["y"] + P // 2 > SIZE // 2) & (t["x"] + P // 2 > SIZE // 2)
+        upper_left = (t["y"] + P // 2 < SIZE // 2) & (t["x"] + P // 2 < SIZE // 2)
+        quads[rule, targets[0]] = (lower_right.mean(), upper_left.mean())
+        if rule == "csbdeep":
+            decider = CHANNELS.index(targets[1])
+            for r in range(len(t["image"])):
+                img = data[t["key"][r]]
+                y, x = int(t["y"][r]), int(t["x"][r])
+                assert img[decider, y:y + P, x:x + P].max() > 0.4 * pooled[t["key"][r]]
+    # (a centre may lie a little past the middle: the window reaches P // 2 beyond a blob)
+    assert quads["csbdeep", "tg"][0] == 0 and quads["csbdeep", "tg"][1] > 0.95   # tg2 decides
+    assert quads["csbdeep", "tg2"][0] > 0.95 and quads["csbdeep", "tg2"][1] == 0  # tg decides
+    assert min(quads["any", "tg"]) > 0.25                                         # both
+
+
 def test_patch_split_modes_and_channels(plate, tmp_path):
     path, _ = plate
     out = create_patches(path, tmp_path / "sep.zarr", mode="separate", input_channels=["in"],
@@ -190,9 +241,10 @@ def test_no_foreground_is_an_error(tmp_path):
     flat[:, 0, 0] = 101  # not constant, so the percentiles exist
     img = xr.DataArray(flat, dims=("c", "y", "x"), coords={"c": ["in", "tg"]})
     write_plate({"A/1/0": img, "A/1/1": img}, tmp_path / "flat.zarr")
-    with pytest.raises(InputError, match="no image has foreground"):
+    with pytest.raises(InputError, match=r"no image has foreground .*target 'tg' exceeds 1 x the 99.9th") as exc:
         create_patches(tmp_path / "flat.zarr", tmp_path / "p.zarr", input_channels=["in"], target_channels=["tg"],
                        patch_size=16, patches_per_image=4, threshold=1.0)
+    assert "\n" not in str(exc.value) and not (tmp_path / "p.zarr").exists()
 
 
 def test_resume_is_bit_identical_and_recomputes_only_missing(plate, store, tmp_path, monkeypatch):
@@ -297,3 +349,12 @@ def test_cli(plate, tmp_path, capsys):
     code = main(["patches", str(path), str(out), "--input-channel", "in", "--target-channel", "tg",
                  "--scheduler", "threads"])
     assert code == 2 and "output exists" in capsys.readouterr().err
+    sep = tmp_path / "any.zarr"
+    code = main(["patches", str(path), str(sep), "--mode", "separate", "--input-channel", "in", "--target-channel",
+                 "tg,tg2", "--patch-size", "32", "--patches-per-image", "8", "--foreground", "any",
+                 "--scheduler", "threads"])
+    assert code == 0 and open_patches(sep).meta["sampling"]["foreground"] == "any"
+    with pytest.raises(SystemExit) as exc:
+        main(["patches", str(path), str(tmp_path / "x.zarr"), "--input-channel", "in", "--target-channel", "tg",
+              "--foreground", "middle"])
+    assert exc.value.code == 2 and "invalid choice: 'middle'" in capsys.readouterr().err

@@ -189,8 +189,8 @@ def _cmd_patches(args: argparse.Namespace) -> int:
             percentiles=_floats(args.percentiles, 2, "--percentiles") if args.percentiles else None,
             sample_percentiles=args.sample_percentiles,
             norm_stats=args.norm_stats, split_by=args.split_by, validation_fraction=args.validation_fraction,
-            seed=args.seed, threshold=args.threshold, chunk_patches=args.chunk_patches, overwrite=args.overwrite,
-            resume=args.resume, command=args.command_line)
+            seed=args.seed, threshold=args.threshold, foreground=args.foreground, chunk_patches=args.chunk_patches,
+            overwrite=args.overwrite, resume=args.resume, command=args.command_line)
     print(f"wrote {out}")
     return 0
 

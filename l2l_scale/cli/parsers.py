@@ -283,6 +283,9 @@ def _add_model_commands(add: Callable, cluster: argparse.ArgumentParser,
                    help=f"validation fraction (default {pd('validation_fraction')})")
     p.add_argument("--threshold", type=float, default=None,
                    help="foreground threshold x the target's 99.9th percentile (default 0.4, CSBDeep)")
+    p.add_argument("--foreground", choices=("csbdeep", "any"), default=None,
+                   help="several targets: csbdeep = the middle target decides, against the percentile of all "
+                        "targets (CSBDeep's create_patches, default); any = every target, each its own percentile")
     p.add_argument("--seed", type=int, default=None, help=f"sampling seed (default {pd('seed')})")
     p.add_argument("--chunk-patches", type=int, default=None, help="patches per zarr chunk (default ~16 MB)")
 

@@ -287,6 +287,42 @@ def dataset_stats(path: str | Path, *, q: str | Sequence[float] = (1.0, 99.9), s
     return out
 
 
+def pooled_percentiles(images: Sequence[tuple[str, str | Path, Sequence[str]]], q: float, *,
+                       progress: bool = False) -> dict[str, float]:
+    """The exact ``q``-th percentile of several channels of each image, their values pooled together.
+
+    What CSBDeep's ``no_background_patches`` thresholds a several-channel target against
+    (``np.percentile(y, percentile)`` over all of its channels).
+
+    Parameters
+    ----------
+    images : sequence of (key, path, channel names)
+        One entry per image: its key in the dataset, its OME-Zarr path and the channels to pool.
+    q : float
+        Percentile, 0-100.
+    progress : bool
+        Show a progress bar per pass.
+
+    Returns
+    -------
+    dict
+        ``{key: value}``, equal to ``np.percentile`` of the stacked channels.
+    """
+    from types import SimpleNamespace
+
+    qs = np.array([0.0, float(q)])
+    refs = [SimpleNamespace(key=key, path=Path(path)) for key, path, _ in images]
+    sources, pools = [], []
+    for s, (ref, (_, _, channels)) in enumerate(zip(refs, images)):
+        source, names = _image_source(ref, list(channels))
+        sources.append(source)
+        dtype = np.dtype(source.dtype)
+        pools.append(_Pool([(s, c) for c in range(len(names))], dtype, _key_bits(dtype),
+                           f"channels {names} of image {ref.key or str(ref.path)!r}"))
+    _run_pools(sources, pools, qs, progress="foreground levels" if progress else None)
+    return {ref.key: float(_finish(pool, qs)[0][1]) for ref, pool in zip(refs, pools)}
+
+
 # Scope "image" over at least this many images per worker thread: each task reads and finishes whole images, so
 # a plate of thousands of small fields costs the client one small dict per field, not its metadata, histograms
 # and percentile search (about 0.4 ms a field, more than reading a 256^2 field's pixels).
